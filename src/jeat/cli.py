@@ -1,0 +1,225 @@
+"""The ``jeat`` command line: a thin layer over the Python API.
+
+Every problem the user can fix ends in one line ``jeat: error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from jeat.config import config_to_dict, load_config
+from jeat.data import ImageDataset, list_datasets, load_dataset
+from jeat.errors import JeatError
+from jeat.models import list_models
+from jeat.objectives import list_objectives
+
+__all__ = ["main", "build_parser"]
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise JeatError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    """Turn shortcut flags into ``key=value`` overrides (explicit --set wins, coming last)."""
+    pairs = [
+        ("data.name", args.dataset),
+        ("data.root", args.data_dir),
+        ("model.name", args.model),
+        ("objective.name", args.objective),
+        ("epochs", args.epochs),
+        ("seed", args.seed),
+        ("device", args.device),
+        ("batch_size", args.batch_size),
+        ("optim.lr", args.lr),
+    ]
+    out = [f"{k}={v}" for k, v in pairs if v is not None]
+    if args.download:
+        out.append("data.download=true")
+    if args.quiet:
+        out.append("progress=false")
+    return out + list(args.set or [])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from jeat.train import train
+
+    cfg = load_config(args.config, _train_overrides(args))
+    out = Path(args.out or f"runs/{cfg.data.name}-{cfg.objective.name}-s{cfg.seed}")
+    result = train(cfg, out, resume=args.resume, argv=["jeat", *sys.argv[1:]])
+    print(f"run folder: {result.paths.root}")
+    return 0
+
+
+def _run_data(cfg_data, data_dir: str | None, download: bool) -> ImageDataset:
+    return load_dataset(
+        cfg_data.name, root=data_dir or cfg_data.root, download=download or cfg_data.download
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jeat.train import final_evaluation, load_trained
+    from jeat.utils import write_json
+
+    model, meta, cfg = load_trained(args.run, device=args.device)
+    data = _run_data(cfg.data, args.data_dir, args.download)
+    if args.norm:
+        cfg.eval.norm = args.norm
+    if args.eps is not None:
+        cfg.eval.eps = args.eps
+    if args.n is not None:
+        cfg.eval.n = None if args.n <= 0 else args.n
+    cfg.eval.batch_size = args.batch_size
+    attacks = _csv(args.attacks) if args.attacks else None
+    result = final_evaluation(cfg, model, data, attacks)
+    print(result.table())
+    run = Path(args.run)
+    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "eval.json"
+    write_json(out, {"dataset": meta["dataset"], **result.to_dict()})
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from jeat.train import generate_samples, load_trained
+    from jeat.utils import save_image_grid
+
+    model, meta, cfg = load_trained(args.run, device=args.device)
+    data = _run_data(cfg.data, args.data_dir, args.download)
+    if args.steps is not None:
+        cfg.generate.steps = args.steps
+    if args.radius is not None:
+        cfg.generate.radius = args.radius
+    classes = _int_list(args.classes) if args.classes else None
+    images, _ = generate_samples(model, data, cfg, classes, args.n, seed=args.seed)
+    run = Path(args.run)
+    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "samples.png"
+    save_image_grid(images, out, nrow=args.n or cfg.generate.n_per_class)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    print(f"{'name':<12}{'shape':<12}{'classes':>8}  {'eps linf':>9}  description")
+    for info in list_datasets():
+        shape = "x".join(map(str, info.shape))
+        print(f"{info.name:<12}{shape:<12}{info.num_classes:>8}  {info.eps_linf:>9.4g}  "
+              f"{info.description}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    for info in list_models():
+        opts = ", ".join(f"{k}={v}" for k, v in info.defaults.items())
+        print(f"{info.name:<16}{info.description} [inputs: {info.input_sizes}] options: {opts}")
+    return 0
+
+
+def cmd_objectives(args: argparse.Namespace) -> int:
+    for name, desc in list_objectives().items():
+        print(f"{name:<12}{desc}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = load_config(args.config, list(args.set or []))
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jeat",
+        description="Robust and generative classifiers: train, attack, evaluate, generate.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (then evaluate it and write samples)")
+    t.add_argument("--config", help="YAML file or built-in name (default: digits-pgdat)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--out", help="run folder (default: runs/DATASET-OBJECTIVE-sSEED)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--dataset")
+    t.add_argument("--model")
+    t.add_argument("--objective")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device")
+    t.add_argument("--data-dir")
+    t.add_argument("--download", action="store_true", help="download missing dataset files")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+    t.set_defaults(func=cmd_train)
+
+    for name, func, help_ in (
+        ("eval", cmd_eval, "robustness table of a trained model"),
+        ("generate", cmd_generate, "class-conditional samples from a trained model"),
+    ):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("run", help="run folder or checkpoint file")
+        s.add_argument("--out", help="output file (default: inside the run folder)")
+        s.add_argument("--device", default="auto")
+        s.add_argument("--data-dir")
+        s.add_argument("--download", action="store_true")
+        s.set_defaults(func=func)
+        if name == "eval":
+            s.add_argument("--attacks", help="comma list: clean,fgsm,pgd20,pgd100,cw30")
+            s.add_argument("--norm", choices=["linf", "l2"])
+            s.add_argument("--eps", type=_eps, help="budget in [0,1] pixel units, e.g. 8/255")
+            s.add_argument("--n", type=int, help="test points (0: all)")
+            s.add_argument("--batch-size", type=int, default=256)
+        else:
+            s.add_argument("--classes", help="comma list of class indices (default: all)")
+            s.add_argument("--n", type=int, help="images per class")
+            s.add_argument("--steps", type=int)
+            s.add_argument("--radius", type=float, help="L2 radius around the seed")
+            s.add_argument("--seed", type=int)
+
+    for name, func, help_ in (
+        ("datasets", cmd_datasets, "list datasets"),
+        ("models", cmd_models, "list models"),
+        ("objectives", cmd_objectives, "list training objectives"),
+    ):
+        sub.add_parser(name, help=help_).set_defaults(func=func)
+    c = sub.add_parser("config", help="print a resolved config")
+    c.add_argument("config", nargs="?")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE")
+    c.set_defaults(func=cmd_config)
+    return p
+
+
+def _eps(text: str) -> float:
+    from jeat.config import parse_value
+
+    value = parse_value(text)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"not a number: {text}")
+    return float(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except JeatError as exc:
+        print(f"jeat: error: {exc}", file=sys.stderr)
+        return JeatError.exit_code
+    except KeyboardInterrupt:
+        print("jeat: interrupted; a training run continues with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Typed run configuration: dataclasses shared by the API and the CLI.
+
+Configs are YAML files (a few ship inside the package: ``jeat train --config digits-pgdat``)
+with command-line overrides ``--set optim.lr=0.05 --set objective.attack.eps=8/255``. Values
+are parsed safely: numbers, booleans, lists, ``null`` and fractions like ``8/255``; nothing is
+evaluated. Unknown keys are errors (a typo never silently falls back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from importlib import resources
+from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from jeat.errors import JeatError
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "AttackConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "EvalConfig",
+    "GenerateConfig",
+    "TrainConfig",
+    "parse_value",
+    "load_config",
+    "apply_overrides",
+    "builtin_configs",
+    "config_to_dict",
+    "config_from_dict",
+]
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None  # folder holding the original files; default: the cache dir
+    download: bool = False  # fetch missing files (canonical URLs, checksums)
+    augment: bool = True  # training augmentation (never used for evaluation)
+    train_subset: int | None = None  # use only the first N training images (smoke runs)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AttackConfig:
+    norm: str = "linf"
+    eps: float | None = None  # None: the dataset's default budget
+    steps: int = 10
+    step_size: float | None = None  # None: 2.5 * eps / steps (Madry et al.)
+    random_start: bool = True
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "pgd-at"
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adam
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    amsgrad: bool = False
+    grad_clip: float | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # constant | cosine | multistep
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training
+    gamma: float = 0.1
+    warmup_steps: int = 0  # linear warm-up over this many optimiser steps
+
+
+@dataclass
+class EvalConfig:
+    n: int | None = 1000  # test points (None: all)
+    attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd20"])
+    norm: str = "linf"
+    eps: float | None = None  # None: the dataset's default budget
+    epoch_n: int = 500  # test points for the per-epoch check
+    epoch_steps: int = 10  # PGD steps for the per-epoch check (0: clean accuracy only)
+    batch_size: int = 256
+
+
+@dataclass
+class GenerateConfig:
+    n_per_class: int = 8
+    steps: int = 60
+    radius: float | None = None  # L2 ball around the seed; None: 0.5 * sqrt(dim)
+    step_size: float | None = None  # None: 2.5 * radius / steps
+    seed_resolution: int = 16  # fit Gaussian seeds at most at this side length, then upsample
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    epochs: int = 20
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    checkpoint_every_steps: int = 0  # 0: checkpoint at the end of each epoch only
+    final_eval: bool = True  # evaluate the final model (eval.json)
+    final_samples: bool = True  # write a class-conditional sample grid (samples.png)
+    progress: bool = True
+
+
+_FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:e[-+]?\d+)?)\s*/\s*(\d+(?:\.\d*)?)\s*$", re.I)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value: ``8/255`` -> 0.0313..., else YAML scalars/lists (safe)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    m = _FRACTION.match(text)
+    if m:
+        den = float(m.group(2))
+        if den == 0:
+            raise JeatError(f"division by zero in value '{text}'")
+        return float(m.group(1)) / den
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise JeatError(f"cannot parse value '{text}': {exc}") from None
+
+
+def _base_type(hint: Any) -> Any:
+    """``float | None`` -> float, ``list[str]`` -> list, ``tuple[float, float]`` -> tuple."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) in (Union, UnionType) and len(args) == 1:
+        hint = args[0]
+    return get_origin(hint) or hint
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Coerce a YAML value to a field's type (ints to floats, fractions, tuples) or fail."""
+    if isinstance(value, str) and _base_type(hint) in (float, int):
+        value = parse_value(value)  # YAML 1.1 reads 1e-4 as a string; fractions like 8/255
+    if value is None:
+        return None
+    base = _base_type(hint)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is float and number:
+        return float(value)
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if base is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    expected = {
+        float: "a number",
+        int: "an integer",
+        bool: "true or false",
+        str: "a string",
+        list: "a list",
+        tuple: "a list",
+        dict: "a mapping",
+    }
+    if base in expected and not (
+        isinstance(value, base) and (base is bool or not isinstance(value, bool))
+    ):
+        raise JeatError(f"config key '{path}' must be {expected[base]}, got {value!r}")
+    return value
+
+
+def config_from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise JeatError(f"config section '{path or 'root'}' must be a mapping")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f" in section '{path}'" if path else ""
+        raise JeatError(
+            f"unknown config key(s) {', '.join(unknown)}{where}; known: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        sub = f"{path}.{f.name}" if path else f.name
+        hint = hints[f.name]
+        if is_dataclass(hint):
+            kwargs[f.name] = config_from_dict(hint, data[f.name], sub)
+        else:
+            kwargs[f.name] = _coerce(data[f.name], hint, sub)
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-serialisable dict of a config dataclass."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [clean(i) for i in v]
+        if isinstance(v, list):
+            return [clean(i) for i in v]
+        if isinstance(v, dict):
+            return {k: clean(i) for k, i in v.items()}
+        return v
+
+    return clean(asdict(cfg))
+
+
+def builtin_configs() -> dict[str, Path]:
+    """Configs shipped with the package, by name (file stem)."""
+    root = resources.files("jeat") / "configs"
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def _read_yaml(path_or_name: str) -> dict[str, Any]:
+    path = Path(path_or_name)
+    if not path.exists():
+        builtin = builtin_configs()
+        if path_or_name in builtin:
+            path = builtin[path_or_name]
+        else:
+            raise JeatError(
+                f"config '{path_or_name}' is neither a file nor a built-in config; built-in: "
+                f"{', '.join(sorted(builtin))}"
+            )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise JeatError(f"cannot read config {path}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise JeatError(f"config {path} must be a YAML mapping at the top level")
+    return data
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise JeatError(f"cannot set '{dotted}': '{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise JeatError(f"override '{item}' must look like key.sub=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise JeatError(f"override '{item}' has an empty key")
+        _set_path(data, key, parse_value(text))
+    return data
+
+
+def load_config(path_or_name: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a config file (or built-in name; default ``digits-pgdat``) with overrides applied."""
+    data = _read_yaml(path_or_name or "digits-pgdat")
+    apply_overrides(data, overrides or [])
+    cfg = config_from_dict(TrainConfig, data)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Range checks that do not need the data or the model."""
+    checks = [
+        (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
+        (cfg.objective.attack.steps >= 1, "objective.attack.steps must be >= 1"),
+        (
+            cfg.objective.attack.eps is None or cfg.objective.attack.eps >= 0,
+            "objective.attack.eps must be >= 0",
+        ),
+        (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0"),
+        (cfg.generate.n_per_class >= 1, "generate.n_per_class must be >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise JeatError(msg)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,289 @@
+"""Model registry: classifiers that take images in [0, 1] and return logits.
+
+Normalisation is the first layer of every model (:class:`Normalize`), so threat models stay in
+pixel units. Batch norm is optional (``norm="none"``) because energy-based training (JEM, JEAT)
+is often run without it; ``activation`` picks ReLU or a smooth alternative (ELU, softplus),
+which WRM-style objectives want.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from jeat.errors import JeatError
+
+__all__ = ["Normalize", "ModelInfo", "register_model", "create_model", "list_models", "model_info"]
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, as a model layer (buffers move with the model)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise JeatError(f"normalisation mean and std differ in length: {mean} vs {std}")
+        if any(s <= 0 for s in std):
+            raise JeatError(f"normalisation std must be positive, got {tuple(std)}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(),
+    "elu": lambda: nn.ELU(),
+    "softplus": lambda: nn.Softplus(beta=10.0),
+    "lrelu": lambda: nn.LeakyReLU(0.2),
+    "swish": lambda: nn.SiLU(),
+}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise JeatError(f"unknown activation '{name}'; choose one of {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def _norm2d(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "none":
+        return nn.Identity()
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels), channels)
+    raise JeatError(f"unknown norm '{kind}'; choose batch, group or none")
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks and a linear head; for 8x8 (digits) and 28x28 (MNIST) inputs.
+
+    Works for any input size (global average pooling before the head).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        width: int = 32,
+        norm: str = "none",
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1),
+            _norm2d(norm, w),
+            _activation(activation),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            _norm2d(norm, 2 * w),
+            _activation(activation),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1),
+            _norm2d(norm, 4 * w),
+            _activation(activation),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+        )
+        self.head = nn.Sequential(
+            nn.Linear(16 * w, 4 * w), _activation(activation), nn.Linear(4 * w, num_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block (He et al. 2016)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: str, activation: str) -> None:
+        super().__init__()
+        self.bn1 = _norm2d(norm, cin)
+        self.act1 = _activation(activation)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=norm == "none")
+        self.bn2 = _norm2d(norm, cout)
+        self.act2 = _activation(activation)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=norm == "none")
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act1(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(self.act2(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet18(nn.Module):
+    """PreAct-ResNet-18 for 32x32 inputs (3x3 stem, four stages of two blocks)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        width: int = 64,
+        norm: str = "batch",
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        layers: list[nn.Module] = []
+        cin = width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            cout = width * 2**i
+            layers += [
+                PreActBlock(cin, cout, stride, norm, activation),
+                PreActBlock(cout, cout, 1, norm, activation),
+            ]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.bn = _norm2d(norm, cin)
+        self.act = _activation(activation)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act(self.bn(self.layers(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+class WideResNet(nn.Module):
+    """WideResNet-depth-widen (Zagoruyko & Komodakis 2016) with pre-activation blocks.
+
+    ``depth=28, widen=10`` is the WRN-28-10 used by JEM and JEAT (run without batch norm there:
+    ``norm="none"``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        depth: int = 28,
+        widen: int = 10,
+        norm: str = "batch",
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if (depth - 4) % 6 != 0:
+            raise JeatError(f"WideResNet depth must be 6n+4 (e.g. 10, 16, 28, 34), got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        blocks: list[nn.Module] = []
+        cin = widths[0]
+        for stage, stride in enumerate((1, 2, 2)):
+            cout = widths[stage + 1]
+            for i in range(n):
+                blocks.append(PreActBlock(cin, cout, stride if i == 0 else 1, norm, activation))
+                if dropout > 0:
+                    blocks.append(nn.Dropout(dropout))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = _norm2d(norm, cin)
+        self.act = _activation(activation)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act(self.bn(self.blocks(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    description: str
+    input_sizes: str
+    defaults: dict = field(default_factory=dict)
+
+
+_BUILDERS: dict[str, tuple[ModelInfo, Callable[..., nn.Module]]] = {}
+
+
+def register_model(
+    name: str, description: str, input_sizes: str, **defaults: object
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register ``builder(in_channels, num_classes, **kwargs) -> nn.Module`` under ``name``."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _BUILDERS[name] = (ModelInfo(name, description, input_sizes, dict(defaults)), builder)
+        return builder
+
+    return wrap
+
+
+register_model(
+    "small_cnn",
+    "3-conv CNN with a 2-layer head (fast on CPU)",
+    "any (made for 8x8 digits and 28x28 MNIST)",
+    width=32,
+    norm="none",
+    activation="relu",
+)(SmallCNN)
+register_model(
+    "preact_resnet18",
+    "PreAct-ResNet-18, 3x3 stem",
+    "32x32",
+    width=64,
+    norm="batch",
+    activation="relu",
+)(PreActResNet18)
+register_model(
+    "wrn",
+    "WideResNet-depth-widen (WRN-28-10 by default; JEM/JEAT use norm=none)",
+    "32x32",
+    depth=28,
+    widen=10,
+    norm="batch",
+    activation="relu",
+    dropout=0.0,
+)(WideResNet)
+
+
+def list_models() -> list[ModelInfo]:
+    return [info for info, _ in _BUILDERS.values()]
+
+
+def model_info(name: str) -> ModelInfo:
+    if name not in _BUILDERS:
+        raise JeatError(f"unknown model '{name}'; known models: {', '.join(sorted(_BUILDERS))}")
+    return _BUILDERS[name][0]
+
+
+def create_model(
+    name: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **kwargs: object,
+) -> nn.Sequential:
+    """Build model ``name`` for the given data, with a :class:`Normalize` first layer.
+
+    The result is ``nn.Sequential(Normalize, net)``: it takes images in [0, 1] and returns
+    logits. Unknown keyword arguments raise a :class:`JeatError` naming the accepted ones.
+    """
+    info = model_info(name)
+    builder = _BUILDERS[name][1]
+    unknown = set(kwargs) - set(info.defaults)
+    if unknown:
+        raise JeatError(
+            f"model '{name}' does not take option(s) {', '.join(sorted(unknown))}; "
+            f"it takes {', '.join(sorted(info.defaults)) or 'none'}"
+        )
+    options = {**info.defaults, **kwargs}
+    net = builder(in_channels, num_classes, **options)
+    mean = tuple(mean) if mean is not None else (0.0,) * in_channels
+    std = tuple(std) if std is not None else (1.0,) * in_channels
+    if len(mean) != in_channels:
+        raise JeatError(f"normalisation has {len(mean)} channels but the model {in_channels}")
+    return nn.Sequential(Normalize(mean, std), net)

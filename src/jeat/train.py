@@ -1,0 +1,499 @@
+"""The training loop: one loop for every objective.
+
+A run lives in one folder::
+
+    RUN/config.yaml          resolved config (what was run)
+    RUN/run.json             versions, command line, dataset and model facts
+    RUN/metrics.jsonl        one JSON line per epoch
+    RUN/checkpoints/last.pt  latest checkpoint (atomic; model, optimiser, objective state)
+    RUN/model.pt             final weights + metadata (what eval/generate load)
+    RUN/eval.json            final robustness table
+    RUN/samples.png          class-conditional samples, one row per class
+
+Exact resume: all randomness is derived from ``(seed, epoch, step)`` (data order per epoch,
+augmentation and attack random starts per step), and the learning rate is a function of the
+global step, so a run killed after any checkpoint and resumed ends with the same weights as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+import jeat
+from jeat.attacks import make_threat
+from jeat.checkpoint import load_checkpoint, load_state_into, save_checkpoint
+from jeat.config import TrainConfig, config_from_dict, config_to_dict, validate_config
+from jeat.data import DatasetInfo, ImageDataset, augment_batch, dataset_info, load_dataset
+from jeat.errors import JeatError
+from jeat.evaluate import EvalResult, evaluate
+from jeat.models import create_model
+from jeat.objectives import Objective, create_objective
+from jeat.samplers import SeededDescent, fit_class_gaussians
+from jeat.utils import atomic_write, derive_seed, resolve_device, save_image_grid, write_json
+
+__all__ = [
+    "RunPaths",
+    "TrainResult",
+    "train",
+    "build_model",
+    "load_trained",
+    "make_optimizer",
+    "lr_factor",
+    "generate_samples",
+    "final_evaluation",
+]
+
+# Config keys that may change when a run is resumed (everything else must match).
+_RESUMABLE_CHANGES = {"epochs", "progress", "device", "final_eval", "final_samples"}
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def run_info(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model.pt"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval.json"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples.png"
+
+
+@dataclass
+class TrainResult:
+    paths: RunPaths
+    model: nn.Module
+    metrics: list[dict[str, Any]]
+    eval: EvalResult | None
+    resumed_from_epoch: int | None
+
+
+def build_model(cfg: TrainConfig, info: DatasetInfo) -> nn.Sequential:
+    return create_model(
+        cfg.model.name,
+        in_channels=info.shape[0],
+        num_classes=info.num_classes,
+        mean=info.mean,
+        std=info.std,
+        **cfg.model.options,
+    )
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=o.lr,
+            momentum=o.momentum,
+            nesterov=o.nesterov and o.momentum > 0,
+            weight_decay=o.weight_decay,
+        )
+    if o.name in ("adam", "adamw"):
+        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        return cls(
+            model.parameters(),
+            lr=o.lr,
+            betas=tuple(o.betas),
+            weight_decay=o.weight_decay,
+            amsgrad=o.amsgrad,
+        )
+    raise JeatError(f"unknown optimizer '{o.name}'; choose sgd, adam or adamw")
+
+
+def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    """Learning-rate multiplier at global ``step`` of ``total`` (warm-up, then the schedule)."""
+    s = cfg.schedule
+    warm = s.warmup_steps
+    if warm > 0 and step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    if s.name == "constant":
+        return 1.0
+    if s.name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if s.name == "multistep":
+        return s.gamma ** sum(progress >= m for m in s.milestones)
+    raise JeatError(f"unknown schedule '{s.name}'; choose constant, cosine or multistep")
+
+
+def _meta(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
+    return {
+        "model": cfg.model.name,
+        "model_options": dict(cfg.model.options),
+        "dataset": info.name,
+        "in_channels": info.shape[0],
+        "image_shape": list(info.shape),
+        "num_classes": info.num_classes,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "objective": cfg.objective.name,
+        "jeat_version": jeat.__version__,
+        "torch_version": str(torch.__version__),
+    }
+
+
+def load_trained(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict, TrainConfig]:
+    """Load a trained model from a run folder (``model.pt``, else the last checkpoint) or a
+    checkpoint file. Returns the model in eval mode, its metadata and its training config."""
+    path = Path(path)
+    if path.is_dir():
+        paths = RunPaths(path)
+        path = paths.model if paths.model.exists() else paths.checkpoint
+        if not path.exists():
+            raise JeatError(f"{paths.root} holds no model.pt or checkpoints/last.pt; train first")
+    payload = load_checkpoint(path, map_location="cpu")
+    try:
+        meta, cfg = payload["meta"], config_from_dict(TrainConfig, payload["config"])
+        state = payload["model_state"]
+    except (KeyError, TypeError, JeatError):
+        raise JeatError(f"checkpoint {path} lacks model metadata; it is not a jeat model") from None
+    model = create_model(
+        meta["model"],
+        in_channels=meta["in_channels"],
+        num_classes=meta["num_classes"],
+        mean=meta["mean"],
+        std=meta["std"],
+        **meta["model_options"],
+    )
+    load_state_into(model, state, path, "model")
+    model.to(resolve_device(device)).eval()
+    return model, meta, cfg
+
+
+def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, root: Path) -> None:
+    now = config_to_dict(cfg)
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    bad = [k for k in diff if k not in _RESUMABLE_CHANGES]
+    if bad:
+        raise JeatError(
+            f"{root} was trained with a different config ({', '.join(bad)} differ); resume "
+            "without changing those settings, or train into a new --out folder"
+        )
+
+
+def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("epoch", 0) <= upto_epoch]
+
+
+def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_write(path, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+
+
+def _epoch_check(
+    cfg: TrainConfig, model: nn.Module, data: ImageDataset, device: torch.device, epoch: int
+) -> dict[str, float]:
+    """Clean (and PGD) accuracy on the first ``eval.epoch_n`` test points."""
+    n = min(cfg.eval.epoch_n, len(data.x_test))
+    if n <= 0:
+        return {}
+    attacks = ["clean"] + ([f"pgd{cfg.eval.epoch_steps}"] if cfg.eval.epoch_steps > 0 else [])
+    res = evaluate(
+        model,
+        data.x_test[:n],
+        data.y_test[:n],
+        attacks,
+        _eval_threat(cfg, data.info),
+        batch_size=cfg.eval.batch_size,
+        seed=derive_seed(cfg.seed, epoch, 7),
+    )
+    out = {"test_clean_acc": res.rows[0].accuracy}
+    if len(res.rows) > 1:
+        out["test_pgd_acc"] = res.rows[1].accuracy
+    return out
+
+
+def _eval_threat(cfg: TrainConfig, info: DatasetInfo):
+    norm = cfg.eval.norm.lower()
+    eps = cfg.eval.eps
+    if eps is None:
+        eps = info.eps_l2 if norm == "l2" else info.eps_linf
+    return make_threat(norm, eps)
+
+
+def final_evaluation(
+    cfg: TrainConfig, model: nn.Module, data: ImageDataset, attacks: list[str] | None = None
+) -> EvalResult:
+    """The end-of-run robustness table on the first ``eval.n`` test points."""
+    n = len(data.x_test) if cfg.eval.n is None else min(cfg.eval.n, len(data.x_test))
+    return evaluate(
+        model,
+        data.x_test[:n],
+        data.y_test[:n],
+        attacks or cfg.eval.attacks,
+        _eval_threat(cfg, data.info),
+        batch_size=cfg.eval.batch_size,
+        seed=derive_seed(cfg.seed, 11),
+    )
+
+
+def generate_samples(
+    model: nn.Module,
+    data: ImageDataset,
+    cfg: TrainConfig,
+    classes: list[int] | None = None,
+    n_per_class: int | None = None,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-conditional samples by seeded descent; rows ordered class by class."""
+    g = cfg.generate
+    k = data.info.num_classes
+    classes = list(range(k)) if classes is None else classes
+    bad = [c for c in classes if not 0 <= c < k]
+    if bad:
+        raise JeatError(f"classes {bad} out of range for {data.info.name} (0..{k - 1})")
+    n = n_per_class or g.n_per_class
+    gauss = fit_class_gaussians(data.x_train, data.y_train, k, max_side=g.seed_resolution)
+    labels = torch.tensor(classes).repeat_interleave(n)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed if seed is None else seed, 13))
+    seeds = gauss.sample(labels, gen)
+    device = next(model.parameters()).device
+    sampler = SeededDescent(steps=g.steps, radius=g.radius, step_size=g.step_size)
+    images = sampler(model, seeds.to(device), labels.to(device))
+    return images.cpu(), labels
+
+
+def _prepare_run(
+    cfg: TrainConfig, out: Path, resume: bool, data: ImageDataset | None
+) -> tuple[ImageDataset, nn.Module, Objective, dict | None]:
+    """Validate everything that can fail before any file is written."""
+    validate_config(cfg)
+    info = dataset_info(cfg.data.name)
+    model = build_model(cfg, info)
+    objective = create_objective(cfg.objective, info)
+    make_optimizer(cfg, model)
+    lr_factor(cfg, 0, 1)
+    paths = RunPaths(out)
+    payload = None
+    if paths.checkpoint.exists() or paths.model.exists():
+        if not resume:
+            raise JeatError(
+                f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+            )
+        if not paths.checkpoint.exists():
+            raise JeatError(f"{out} holds a finished run with no checkpoint to resume from")
+        payload = load_checkpoint(paths.checkpoint)
+        _check_resume_config(payload.get("config", {}), cfg, out)
+    elif out.exists() and any(out.iterdir()) and not resume:
+        raise JeatError(f"{out} exists and is not empty; choose a new --out folder")
+    if data is None:
+        data = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download)
+    if cfg.data.train_subset is not None:
+        m = cfg.data.train_subset
+        data = ImageDataset(data.info, data.x_train[:m], data.y_train[:m], data.x_test, data.y_test)
+    return data, model, objective, payload
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    data: ImageDataset | None = None,
+    argv: list[str] | None = None,
+) -> TrainResult:
+    """Train (or resume) a run into folder ``out``; see the module docstring for its layout."""
+    out = Path(out)
+    data, model, objective, payload = _prepare_run(cfg, out, resume, data)
+    paths = RunPaths(out)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    optimizer = make_optimizer(cfg, model)
+    info = data.info
+    meta = _meta(cfg, info)
+
+    start_epoch, start_step, sums = 0, 0, {}
+    if payload is not None:
+        load_state_into(model, payload["model_state"], paths.checkpoint, "model")
+        try:
+            optimizer.load_state_dict(payload["optimizer_state"])
+        except (ValueError, KeyError) as exc:
+            raise JeatError(
+                f"checkpoint {paths.checkpoint}: optimiser state does not match ({exc})"
+            ) from None
+        objective.load_state_dict(payload.get("objective_state", {}))
+        start_epoch, start_step = int(payload["epoch"]), int(payload["step"])
+        sums = {k: float(v) for k, v in payload.get("sums", {}).items()}
+        print(f"resuming {out} at epoch {start_epoch + 1}, step {start_step}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(paths.config, "w") as fh:
+            yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+        write_json(
+            paths.run_info,
+            {
+                **meta,
+                "argv": argv if argv is not None else sys.argv,
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "device": str(device),
+                "train_size": len(data.x_train),
+                "test_size": len(data.x_test),
+            },
+        )
+    if payload is not None and config_to_dict(cfg) != payload.get("config"):
+        with atomic_write(paths.config, "w") as fh:
+            yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+    metrics = _read_metrics(paths.metrics, start_epoch)
+
+    n = len(data.x_train)
+    bs = cfg.batch_size
+    steps_per_epoch = (n + bs - 1) // bs
+    total = steps_per_epoch * cfg.epochs
+    aug_kind = info.augment if cfg.data.augment else "none"
+
+    def checkpoint(epoch: int, step: int, sums: dict[str, float]) -> None:
+        save_checkpoint(
+            paths.checkpoint,
+            {
+                "meta": meta,
+                "config": config_to_dict(cfg),
+                "model_state": model.state_dict(),
+                "optimizer_state": optimizer.state_dict(),
+                "objective_state": objective.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "sums": sums,
+            },
+        )
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(
+            n, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, epoch))
+        )
+        first = start_step if epoch == start_epoch else 0
+        if epoch != start_epoch:
+            sums = {}
+        bar = _progress(cfg, steps_per_epoch, first, f"epoch {epoch + 1}/{cfg.epochs}")
+        for step in range(first, steps_per_epoch):
+            gstep = epoch * steps_per_epoch + step
+            torch.manual_seed(derive_seed(cfg.seed, epoch, step, 1))
+            idx = perm[step * bs : (step + 1) * bs]
+            xb = data.x_train[idx].to(device, non_blocking=True)
+            yb = data.y_train[idx].to(device, non_blocking=True)
+            if aug_kind != "none":
+                g = torch.Generator(device=device).manual_seed(
+                    derive_seed(cfg.seed, epoch, step, 2)
+                )
+                xb = augment_batch(xb, aug_kind, g)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.optim.lr * lr_factor(cfg, gstep, total)
+            result = objective(model, xb, yb)
+            loss = result.loss
+            if not bool(torch.isfinite(loss)):
+                hint = (
+                    f" the last good checkpoint is {paths.checkpoint};"
+                    if paths.checkpoint.exists()
+                    else ""
+                )
+                raise JeatError(
+                    f"training diverged: the loss is {float(loss)} at epoch {epoch + 1}, step "
+                    f"{step + 1};{hint} lower optim.lr (now {cfg.optim.lr:g}) and train again"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            b = len(idx)
+            acc = (result.logits.argmax(1) == result.y).float().sum()
+            batch = {"loss": float(loss.detach()) * b, "acc": float(acc) * 100, "n": b}
+            for k, v in result.metrics.items():
+                batch[k] = float(v) * b
+            for k, v in batch.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['acc'] / sums['n']:.1f}"
+            )
+            every = cfg.checkpoint_every_steps
+            if every and (gstep + 1) % every == 0 and step + 1 < steps_per_epoch:
+                checkpoint(epoch, step + 1, sums)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": (epoch + 1) * steps_per_epoch,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        cnt = max(1.0, sums.get("n", 0.0))
+        row.update({f"train_{k}": v / cnt for k, v in sums.items() if k != "n"})
+        row["epoch_seconds"] = seconds
+        row.update(_epoch_check(cfg, model, data, device, epoch))
+        metrics.append(row)
+        _write_metrics(paths.metrics, metrics)
+        checkpoint(epoch + 1, 0, {})
+        if cfg.progress:
+            shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+            print(json.dumps(shown), file=sys.stderr)
+
+    save_checkpoint(
+        paths.model,
+        {"meta": meta, "config": config_to_dict(cfg), "model_state": model.state_dict()},
+    )
+    print(f"wrote {paths.model}")
+    result_eval = None
+    model.eval()
+    if cfg.final_eval:
+        result_eval = final_evaluation(cfg, model, data)
+        write_json(paths.eval, {"dataset": info.name, **result_eval.to_dict()})
+        print(result_eval.table())
+        print(f"wrote {paths.eval}")
+    if cfg.final_samples:
+        images, _ = generate_samples(model, data, cfg)
+        save_image_grid(images, paths.samples, nrow=cfg.generate.n_per_class)
+        print(f"wrote {paths.samples}")
+    return TrainResult(paths, model, metrics, result_eval, start_epoch if payload else None)
+
+
+def _progress(cfg: TrainConfig, total: int, initial: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not cfg.progress,
+        leave=False,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
