@@ -16,7 +16,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FAST = ["progress=false", "final_eval=false", "final_samples=false", "eval.epoch_n=0"]
 
 
-def train_digits(root: Path, objective: str, epochs: int = 15, seed: int = 0, extra=()):
+def train_digits(root: Path, objective: str, epochs: int = 12, seed: int = 0, extra=()):
     cfg = load_config(
         "digits-pgdat",
         [f"objective.name={objective}", f"epochs={epochs}", f"seed={seed}", *FAST, *extra],
@@ -37,12 +37,3 @@ def standard_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pgdat_model(tmp_path_factory):
     return train_digits(tmp_path_factory.mktemp("runs"), "pgd-at")
-
-
-@pytest.fixture(scope="session")
-def judge_model(tmp_path_factory):
-    """An independently trained standard classifier (other seed, other width) for judging
-    generated images."""
-    return train_digits(
-        tmp_path_factory.mktemp("runs"), "standard", seed=123, extra=["model.options.width=24"]
-    )

@@ -114,9 +114,11 @@ def test_bad_attack_inputs_fail_clearly():
 
 def test_standard_model_is_broken_and_pgdat_resists(digits, standard_model, pgdat_model):
     """The headline property on digits: PGD-AT is at least 30 points more robust under PGD-20
-    (L-inf eps 0.1) than a standard model, with clean accuracy within 10 points."""
+    (L-inf, the dataset's eps 0.15) than a standard model, with clean accuracy within 10 points.
+    """
     x, y = digits.x_test, digits.y_test
-    threat = LinfBall(0.1)
+    assert digits.info.eps_linf == 0.15
+    threat = LinfBall(digits.info.eps_linf)
     std = evaluate(standard_model, x, y, ["clean", "pgd20"], threat)
     rob = evaluate(pgdat_model, x, y, ["clean", "pgd20"], threat)
     print(f"\nstandard clean {std.rows[0].accuracy:.1f} pgd20 {std.rows[1].accuracy:.1f}")
@@ -129,7 +131,7 @@ def test_pgd_agrees_with_torchattacks(digits, pgdat_model):
     """Our PGD-20 robust accuracy is within 2 points of torchattacks.PGD on the same points."""
     torchattacks = pytest.importorskip("torchattacks", reason="torchattacks is a dev dependency")
     x, y = digits.x_test, digits.y_test
-    eps = 0.1
+    eps = digits.info.eps_linf
     ours = evaluate(pgdat_model, x, y, ["pgd20"], LinfBall(eps)).rows[0].accuracy
     torch.manual_seed(0)
     ref_attack = torchattacks.PGD(pgdat_model, eps=eps, alpha=eps / 4, steps=20, random_start=True)

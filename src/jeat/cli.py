@@ -99,6 +99,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cfg.generate.steps = args.steps
     if args.radius is not None:
         cfg.generate.radius = args.radius
+    if args.seeds is not None:
+        cfg.generate.seeds = args.seeds
     classes = _int_list(args.classes) if args.classes else None
     images, _ = generate_samples(model, data, cfg, classes, args.n, seed=args.seed)
     run = Path(args.run)
@@ -112,8 +114,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     print(f"{'name':<12}{'shape':<12}{'classes':>8}  {'eps linf':>9}  description")
     for info in list_datasets():
         shape = "x".join(map(str, info.shape))
-        print(f"{info.name:<12}{shape:<12}{info.num_classes:>8}  {info.eps_linf:>9.4g}  "
-              f"{info.description}")
+        print(
+            f"{info.name:<12}{shape:<12}{info.num_classes:>8}  {info.eps_linf:>9.4g}  "
+            f"{info.description}"
+        )
     return 0
 
 
@@ -186,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--steps", type=int)
             s.add_argument("--radius", type=float, help="L2 radius around the seed")
             s.add_argument("--seed", type=int)
+            s.add_argument(
+                "--seeds",
+                choices=["class", "pooled", "uniform"],
+                help="seed distribution (default: the run's config, 'class')",
+            )
 
     for name, func, help_ in (
         ("datasets", cmd_datasets, "list datasets"),

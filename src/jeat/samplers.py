@@ -21,9 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jeat.attacks import PGD, L2Ball
+from jeat.data import ImageDataset
 from jeat.errors import JeatError
 
-__all__ = ["ClassGaussians", "fit_class_gaussians", "SeededDescent"]
+__all__ = ["ClassGaussians", "fit_class_gaussians", "sample_seeds", "SeededDescent", "SEEDS"]
+
+SEEDS = ("class", "pooled", "uniform")
 
 
 @dataclass
@@ -74,6 +77,30 @@ def fit_class_gaussians(
         means[k] = mu
         chols[k] = torch.linalg.cholesky(cov + ridge * eye)
     return ClassGaussians(means.float(), chols.float(), (c, h, w), low)
+
+
+def sample_seeds(
+    kind: str,
+    data: ImageDataset,
+    labels: Tensor,
+    generator: torch.Generator | None = None,
+    max_side: int = 16,
+) -> Tensor:
+    """Starting points for generation, one per label.
+
+    ``class``: the class-conditional Gaussian of each label (Santurkar et al.); ``pooled``: one
+    Gaussian fitted on all training images (the seed says nothing about the target class, so
+    the class must come from the model's energy); ``uniform``: uniform noise in [0, 1].
+    """
+    if kind == "class":
+        gauss = fit_class_gaussians(data.x_train, data.y_train, data.info.num_classes, max_side)
+        return gauss.sample(labels, generator)
+    if kind == "pooled":
+        pooled = fit_class_gaussians(data.x_train, torch.zeros_like(data.y_train), 1, max_side)
+        return pooled.sample(torch.zeros_like(labels), generator)
+    if kind == "uniform":
+        return torch.rand((len(labels), *data.info.shape), generator=generator)
+    raise JeatError(f"unknown seed distribution '{kind}'; choose one of {', '.join(SEEDS)}")
 
 
 @dataclass

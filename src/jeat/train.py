@@ -40,7 +40,7 @@ from jeat.errors import JeatError
 from jeat.evaluate import EvalResult, evaluate
 from jeat.models import create_model
 from jeat.objectives import Objective, create_objective
-from jeat.samplers import SeededDescent, fit_class_gaussians
+from jeat.samplers import SeededDescent, sample_seeds
 from jeat.utils import atomic_write, derive_seed, resolve_device, save_image_grid, write_json
 
 __all__ = [
@@ -281,10 +281,9 @@ def generate_samples(
     if bad:
         raise JeatError(f"classes {bad} out of range for {data.info.name} (0..{k - 1})")
     n = n_per_class or g.n_per_class
-    gauss = fit_class_gaussians(data.x_train, data.y_train, k, max_side=g.seed_resolution)
     labels = torch.tensor(classes).repeat_interleave(n)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed if seed is None else seed, 13))
-    seeds = gauss.sample(labels, gen)
+    seeds = sample_seeds(g.seeds, data, labels, gen, max_side=g.seed_resolution)
     device = next(model.parameters()).device
     sampler = SeededDescent(steps=g.steps, radius=g.radius, step_size=g.step_size)
     images = sampler(model, seeds.to(device), labels.to(device))
@@ -297,6 +296,7 @@ def _prepare_run(
     """Validate everything that can fail before any file is written."""
     validate_config(cfg)
     info = dataset_info(cfg.data.name)
+    torch.manual_seed(derive_seed(cfg.seed, 0, 0, 0))  # the initial weights depend on the seed
     model = build_model(cfg, info)
     objective = create_objective(cfg.objective, info)
     make_optimizer(cfg, model)
@@ -351,6 +351,8 @@ def train(
         objective.load_state_dict(payload.get("objective_state", {}))
         start_epoch, start_step = int(payload["epoch"]), int(payload["step"])
         sums = {k: float(v) for k, v in payload.get("sums", {}).items()}
+        for stale in [*out.glob(".*.tmp"), *paths.checkpoint.parent.glob(".*.tmp")]:
+            stale.unlink()  # a temp file left by a kill during an (atomic) write
         print(f"resuming {out} at epoch {start_epoch + 1}, step {start_step}")
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -420,15 +422,7 @@ def train(
             result = objective(model, xb, yb)
             loss = result.loss
             if not bool(torch.isfinite(loss)):
-                hint = (
-                    f" the last good checkpoint is {paths.checkpoint};"
-                    if paths.checkpoint.exists()
-                    else ""
-                )
-                raise JeatError(
-                    f"training diverged: the loss is {float(loss)} at epoch {epoch + 1}, step "
-                    f"{step + 1};{hint} lower optim.lr (now {cfg.optim.lr:g}) and train again"
-                )
+                raise _diverged(float(loss.detach()), epoch, step, cfg, paths)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.grad_clip:
@@ -483,6 +477,15 @@ def train(
         save_image_grid(images, paths.samples, nrow=cfg.generate.n_per_class)
         print(f"wrote {paths.samples}")
     return TrainResult(paths, model, metrics, result_eval, start_epoch if payload else None)
+
+
+def _diverged(loss: float, epoch: int, step: int, cfg: TrainConfig, paths: RunPaths) -> JeatError:
+    last = paths.checkpoint
+    hint = f" the last good checkpoint is {last};" if last.exists() else ""
+    return JeatError(
+        f"training diverged: the loss is {loss} at epoch {epoch + 1}, step {step + 1};{hint} "
+        f"lower optim.lr (now {cfg.optim.lr:g}) and train again"
+    )
 
 
 def _progress(cfg: TrainConfig, total: int, initial: int, desc: str):

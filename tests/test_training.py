@@ -1,0 +1,152 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from jeat import JeatError
+from jeat.checkpoint import load_checkpoint
+from jeat.config import load_config
+from jeat.train import RunPaths, load_trained, lr_factor, train
+
+FAST = ["progress=false", "final_eval=false", "final_samples=false", "eval.epoch_n=0"]
+
+
+def _tiny(extra=()):
+    """A run of a few seconds: narrow CNN, PGD-3, 4 epochs of 400 images."""
+    return load_config(
+        "digits-pgdat",
+        [
+            "model.options.width=8",
+            "objective.attack.steps=3",
+            "epochs=4",
+            "data.train_subset=400",
+            *FAST,
+            *extra,
+        ],
+    )
+
+
+def _states_equal(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def test_same_seed_same_weights_and_metrics_are_written(tmp_path):
+    a = train(_tiny(), tmp_path / "a")
+    b = train(_tiny(), tmp_path / "b")
+    assert _states_equal(a.model.state_dict(), b.model.state_dict())
+    rows = [
+        json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert {"train_loss", "train_acc", "lr", "epoch_seconds"} <= set(rows[0])
+    c = train(_tiny(["seed=1"]), tmp_path / "c")
+    assert not _states_equal(a.model.state_dict(), c.model.state_dict())
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    """A real SIGKILL mid-training, then --resume: same final weights as an uninterrupted run
+    (checkpoints every 5 steps, so the kill usually lands mid-epoch)."""
+    args = [
+        "--set", "model.options.width=8", "--set", "objective.attack.steps=3",
+        "--set", "data.train_subset=400", "--epochs", "6", "--quiet",
+        "--set", "checkpoint_every_steps=5", "--set", "final_eval=false",
+        "--set", "final_samples=false", "--set", "eval.epoch_n=0",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "jeat.cli", "train", *args]
+    ref = tmp_path / "ref"
+    subprocess.run([*cmd, "--out", str(ref)], check=True, capture_output=True)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    ckpt = RunPaths(run).checkpoint
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not RunPaths(run).model.exists(), "the run finished before it could be killed"
+    state = load_checkpoint(ckpt)
+    print(f"\nkilled after epoch {state['epoch']} step {state['step']}")
+    assert state["format"] == "jeat-checkpoint-v1"  # the atomic write left a whole file
+
+    again = subprocess.run([*cmd, "--out", str(run)], capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr  # refuses to overwrite
+    done = subprocess.run([*cmd, "--out", str(run), "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stdout
+    a, _, _ = load_trained(ref)
+    b, _, _ = load_trained(run)
+    assert _states_equal(a.state_dict(), b.state_dict())
+    assert not list(run.rglob("*.tmp"))
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path):
+    train(_tiny(["epochs=1"]), tmp_path / "r")
+    with pytest.raises(JeatError, match="different config.*optim"):
+        train(_tiny(["epochs=2", "optim.lr=0.5"]), tmp_path / "r", resume=True)
+    # extending the number of epochs is allowed
+    res = train(_tiny(["epochs=2"]), tmp_path / "r2")
+    assert res.resumed_from_epoch is None
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+    cfg = _tiny(["optim.name=sgd", "optim.lr=1e12", "optim.momentum=0", "schedule.warmup_steps=0"])
+    with pytest.raises(JeatError, match="training diverged: the loss is nan.*lower optim.lr"):
+        train(cfg, tmp_path / "nan")
+
+
+def test_errors_before_any_file_is_written(tmp_path):
+    out = tmp_path / "never"
+    for overrides, message in (
+        (["data.name=imagenet-9"], "unknown dataset"),
+        (["model.name=vit"], "unknown model"),
+        (["objective.name=magic"], "unknown objective"),
+        (["model.options.depth=3"], "does not take option"),
+        (["optim.name=lbfgs"], "unknown optimizer"),
+        (["data.name=mnist", f"data.root={tmp_path / 'empty'}"], "download"),
+    ):
+        with pytest.raises(JeatError, match=message):
+            train(_tiny(overrides), out)
+        assert not out.exists()
+
+
+def test_corrupt_or_mismatched_checkpoints_fail_clearly(tmp_path):
+    res = train(_tiny(["epochs=1"]), tmp_path / "ok")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(RunPaths(res.paths.root).model.read_bytes()[:500])
+    with pytest.raises(JeatError, match="corrupt"):
+        load_trained(bad)
+    junk = tmp_path / "junk.pt"
+    torch.save({"hello": torch.zeros(1)}, junk)
+    with pytest.raises(JeatError, match="not a jeat checkpoint"):
+        load_trained(junk)
+    # a checkpoint whose metadata names another architecture than its weights
+    payload = load_checkpoint(res.paths.model)
+    payload["meta"]["model_options"]["width"] = 16
+    torch.save(payload, tmp_path / "other.pt")
+    with pytest.raises(JeatError, match="does not match this architecture"):
+        load_trained(tmp_path / "other.pt")
+
+
+def test_lr_schedules():
+    cfg = load_config("digits-pgdat", ["schedule.warmup_steps=10"])
+    assert lr_factor(cfg, 0, 100) == pytest.approx(0.1)
+    assert lr_factor(cfg, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(cfg, 99, 100) < 0.01
+    ms = load_config("digits-pgdat", ["schedule.name=multistep", "schedule.warmup_steps=0"])
+    assert [lr_factor(ms, s, 100) for s in (0, 50, 80)] == pytest.approx([1, 0.1, 0.01])
+
+
+def test_amsgrad_and_sgd_options_build(tmp_path):
+    res = train(_tiny(["epochs=1", "optim.amsgrad=true"]), tmp_path / "ams")
+    state = load_checkpoint(res.paths.checkpoint)["optimizer_state"]
+    assert state["param_groups"][0]["amsgrad"] is True
