@@ -105,7 +105,7 @@ class EvalConfig:
 class GenerateConfig:
     n_per_class: int = 8
     steps: int = 60
-    radius: float | None = None  # L2 ball around the seed; None: 0.5 * sqrt(dim)
+    radius: float | None = None  # L2 ball around the seed; None: 0.2 * sqrt(dim)
     step_size: float | None = None  # None: 2.5 * radius / steps
     seed_resolution: int = 16  # fit Gaussian seeds at most at this side length, then upsample
     seeds: str = "class"  # class: N(mu_y, S_y) per class | pooled: one Gaussian | uniform

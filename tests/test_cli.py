@@ -1,0 +1,99 @@
+"""The command line end to end, as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+QUICK = [
+    "--set", "model.options.width=8", "--set", "objective.attack.steps=3", "--epochs", "2",
+    "--set", "data.train_subset=300", "--set", "eval.n=100", "--set", "eval.epoch_n=50",
+    "--set", "generate.steps=10", "--set", "generate.n_per_class=3", "--quiet",
+]  # fmt: skip
+
+
+def jeat(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "jeat.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
+
+
+def test_train_eval_generate_pipeline(tmp_path):
+    run = tmp_path / "run"
+    r = jeat("train", "--out", run, *QUICK)
+    assert r.returncode == 0, r.stderr
+    for name in (
+        "config.yaml",
+        "run.json",
+        "metrics.jsonl",
+        "model.pt",
+        "eval.json",
+        "samples.png",
+    ):
+        assert (run / name).exists(), name
+        assert str(run / name) in r.stdout or name in ("config.yaml", "run.json", "metrics.jsonl")
+    table = json.loads((run / "eval.json").read_text())
+    assert [a["attack"] for a in table["attacks"]] == ["clean", "fgsm", "pgd20"]
+    assert table["eps"] == pytest.approx(0.15) and table["n"] == 100
+    assert table["robust_accuracy"] <= min(a["accuracy"] for a in table["attacks"])
+    grid = Image.open(run / "samples.png")
+    assert grid.size[1] > grid.size[0] * 2  # 10 rows (classes) of 3 images
+
+    r = jeat("eval", run, "--attacks", "clean,pgd5,cw10", "--eps", "8/255", "--n", "50",
+             "--out", tmp_path / "e.json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "worst-case" in r.stdout and f"wrote {tmp_path / 'e.json'}" in r.stdout
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["eps"] == pytest.approx(8 / 255) and len(e["attacks"]) == 3
+
+    r = jeat("generate", run, "--classes", "1,7", "--n", "4", "--steps", "5", "--out",
+             tmp_path / "g.png")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "g.png").size[0] > Image.open(tmp_path / "g.png").size[1]
+
+
+def test_listings():
+    r = jeat("datasets")
+    assert r.returncode == 0 and all(
+        n in r.stdout for n in ("digits", "mnist", "cifar10", "cifar100")
+    )
+    r = jeat("models")
+    assert r.returncode == 0 and all(n in r.stdout for n in ("small_cnn", "preact_resnet18", "wrn"))
+    r = jeat("objectives")
+    assert r.returncode == 0 and "pgd-at" in r.stdout and "standard" in r.stdout
+    r = jeat("config", "cifar10-pgdat-paper")
+    assert r.returncode == 0 and "widen: 10" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--dataset", "imagenet-9"], "unknown dataset 'imagenet-9'"),
+        (["train", "--model", "vit"], "unknown model 'vit'"),
+        (["train", "--objective", "magic"], "unknown objective 'magic'"),
+        (["train", "--set", "optim.lrr=1"], "unknown config key"),
+        (["train", "--dataset", "cifar10", "--data-dir", "EMPTY"], "download"),
+        (["eval", "NOWHERE"], "no model.pt"),
+        (["eval", "BADCKPT"], "corrupt"),
+    ],
+)
+def test_errors_are_one_line_exit_2_and_leave_no_files(tmp_path, args, message):
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "NOWHERE").mkdir()
+    (tmp_path / "BADCKPT").write_bytes(b"not a checkpoint")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    args = [str(tmp_path / a) if a in ("EMPTY", "NOWHERE", "BADCKPT") else a for a in args]
+    if args[0] == "train":
+        args += ["--out", str(tmp_path / "out")]
+    r = jeat(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jeat: error: "), r.stderr
+    assert message in lines[0]
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
