@@ -97,3 +97,12 @@ def test_errors_are_one_line_exit_2_and_leave_no_files(tmp_path, args, message):
     assert message in lines[0]
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_diverged_fresh_run_exits_2_and_leaves_no_files(tmp_path):
+    out = tmp_path / "nan-run"
+    r = jeat("train", "--out", out, "--quiet", "--lr", "1e12", "--set", "optim.name=sgd",
+             "--set", "optim.momentum=0", "--set", "schedule.warmup_steps=0")  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("jeat: error: training diverged")
+    assert not out.exists()

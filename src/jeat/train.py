@@ -329,154 +329,202 @@ def train(
     data: ImageDataset | None = None,
     argv: list[str] | None = None,
 ) -> TrainResult:
-    """Train (or resume) a run into folder ``out``; see the module docstring for its layout."""
+    """Train (or resume) a run into folder ``out``; see the module docstring for its layout.
+
+    If a fresh run fails before its first checkpoint (an error, a NaN loss, Ctrl-C), the files
+    it created are removed again, so a corrected re-run can use the same folder.
+    """
     out = Path(out)
     data, model, objective, payload = _prepare_run(cfg, out, resume, data)
-    paths = RunPaths(out)
-    device = resolve_device(cfg.device)
-    model.to(device)
-    optimizer = make_optimizer(cfg, model)
-    info = data.info
-    meta = _meta(cfg, info)
+    existed = out.exists()
+    loop = _Loop(cfg, RunPaths(out), data, model, objective)
+    try:
+        if payload is not None:
+            loop.restore(payload)
+        else:
+            loop.start(argv)
+        loop.fit()
+    except BaseException:
+        if payload is None and not loop.paths.checkpoint.exists():
+            loop.remove_new_files(existed)
+        raise
+    return loop.finish(resumed=payload is not None)
 
-    start_epoch, start_step, sums = 0, 0, {}
-    if payload is not None:
-        load_state_into(model, payload["model_state"], paths.checkpoint, "model")
-        try:
-            optimizer.load_state_dict(payload["optimizer_state"])
-        except (ValueError, KeyError) as exc:
-            raise JeatError(
-                f"checkpoint {paths.checkpoint}: optimiser state does not match ({exc})"
-            ) from None
-        objective.load_state_dict(payload.get("objective_state", {}))
-        start_epoch, start_step = int(payload["epoch"]), int(payload["step"])
-        sums = {k: float(v) for k, v in payload.get("sums", {}).items()}
-        for stale in [*out.glob(".*.tmp"), *paths.checkpoint.parent.glob(".*.tmp")]:
-            stale.unlink()  # a temp file left by a kill during an (atomic) write
-        print(f"resuming {out} at epoch {start_epoch + 1}, step {start_step}")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_write(paths.config, "w") as fh:
-            yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+
+class _Loop:
+    """The state of one training run and the steps that move it forward."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        paths: RunPaths,
+        data: ImageDataset,
+        model: nn.Module,
+        objective: Objective,
+    ) -> None:
+        self.cfg, self.paths, self.data, self.objective = cfg, paths, data, objective
+        self.device = resolve_device(cfg.device)
+        self.model = model.to(self.device)
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.meta = _meta(cfg, data.info)
+        self.start_epoch, self.start_step = 0, 0
+        self.sums: dict[str, float] = {}
+        self.metrics: list[dict[str, Any]] = []
+        self.steps_per_epoch = (len(data.x_train) + cfg.batch_size - 1) // cfg.batch_size
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.augment = data.info.augment if cfg.data.augment else "none"
+
+    # ----------------------------------------------------------------- run folder
+    def start(self, argv: list[str] | None) -> None:
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self._write_config()
         write_json(
-            paths.run_info,
+            self.paths.run_info,
             {
-                **meta,
+                **self.meta,
                 "argv": argv if argv is not None else sys.argv,
                 "python": platform.python_version(),
                 "platform": platform.platform(),
-                "device": str(device),
-                "train_size": len(data.x_train),
-                "test_size": len(data.x_test),
+                "device": str(self.device),
+                "train_size": len(self.data.x_train),
+                "test_size": len(self.data.x_test),
             },
         )
-    if payload is not None and config_to_dict(cfg) != payload.get("config"):
-        with atomic_write(paths.config, "w") as fh:
-            yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
-    metrics = _read_metrics(paths.metrics, start_epoch)
 
-    n = len(data.x_train)
-    bs = cfg.batch_size
-    steps_per_epoch = (n + bs - 1) // bs
-    total = steps_per_epoch * cfg.epochs
-    aug_kind = info.augment if cfg.data.augment else "none"
+    def restore(self, payload: dict[str, Any]) -> None:
+        ckpt = self.paths.checkpoint
+        load_state_into(self.model, payload["model_state"], ckpt, "model")
+        try:
+            self.optimizer.load_state_dict(payload["optimizer_state"])
+        except (ValueError, KeyError) as exc:
+            raise JeatError(f"checkpoint {ckpt}: optimiser state does not match ({exc})") from None
+        self.objective.load_state_dict(payload.get("objective_state", {}))
+        self.start_epoch, self.start_step = int(payload["epoch"]), int(payload["step"])
+        self.sums = {k: float(v) for k, v in payload.get("sums", {}).items()}
+        for stale in [*self.paths.root.glob(".*.tmp"), *ckpt.parent.glob(".*.tmp")]:
+            stale.unlink()  # a temp file left by a kill during an (atomic) write
+        if config_to_dict(self.cfg) != payload.get("config"):
+            self._write_config()  # e.g. more epochs
+        self.metrics = _read_metrics(self.paths.metrics, self.start_epoch)
+        print(f"resuming {self.paths.root} at epoch {self.start_epoch + 1}, step {self.start_step}")
 
-    def checkpoint(epoch: int, step: int, sums: dict[str, float]) -> None:
+    def remove_new_files(self, folder_existed: bool) -> None:
+        p = self.paths
+        for f in (p.config, p.run_info, p.metrics):
+            f.unlink(missing_ok=True)
+        for d in (p.checkpoint.parent, p.root):
+            if d.exists() and not any(d.iterdir()) and (d != p.root or not folder_existed):
+                d.rmdir()
+
+    def _write_config(self) -> None:
+        with atomic_write(self.paths.config, "w") as fh:
+            yaml.safe_dump(config_to_dict(self.cfg), fh, sort_keys=False)
+
+    def checkpoint(self, epoch: int, step: int) -> None:
         save_checkpoint(
-            paths.checkpoint,
+            self.paths.checkpoint,
             {
-                "meta": meta,
-                "config": config_to_dict(cfg),
-                "model_state": model.state_dict(),
-                "optimizer_state": optimizer.state_dict(),
-                "objective_state": objective.state_dict(),
+                "meta": self.meta,
+                "config": config_to_dict(self.cfg),
+                "model_state": self.model.state_dict(),
+                "optimizer_state": self.optimizer.state_dict(),
+                "objective_state": self.objective.state_dict(),
                 "epoch": epoch,
                 "step": step,
-                "sums": sums,
+                "sums": self.sums,
             },
         )
 
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+    # ----------------------------------------------------------------- training
+    def fit(self) -> None:
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            first = self.start_step if epoch == self.start_epoch else 0
+            if first == 0:
+                self.sums = {}
+            self.epoch(epoch, first)
+
+    def epoch(self, epoch: int, first: int) -> None:
+        cfg, spe = self.cfg, self.steps_per_epoch
+        self.model.train()
         t0 = time.perf_counter()
-        perm = torch.randperm(
-            n, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, epoch))
-        )
-        first = start_step if epoch == start_epoch else 0
-        if epoch != start_epoch:
-            sums = {}
-        bar = _progress(cfg, steps_per_epoch, first, f"epoch {epoch + 1}/{cfg.epochs}")
-        for step in range(first, steps_per_epoch):
-            gstep = epoch * steps_per_epoch + step
-            torch.manual_seed(derive_seed(cfg.seed, epoch, step, 1))
-            idx = perm[step * bs : (step + 1) * bs]
-            xb = data.x_train[idx].to(device, non_blocking=True)
-            yb = data.y_train[idx].to(device, non_blocking=True)
-            if aug_kind != "none":
-                g = torch.Generator(device=device).manual_seed(
-                    derive_seed(cfg.seed, epoch, step, 2)
-                )
-                xb = augment_batch(xb, aug_kind, g)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.optim.lr * lr_factor(cfg, gstep, total)
-            result = objective(model, xb, yb)
-            loss = result.loss
-            if not bool(torch.isfinite(loss)):
-                raise _diverged(float(loss.detach()), epoch, step, cfg, paths)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            b = len(idx)
-            acc = (result.logits.argmax(1) == result.y).float().sum()
-            batch = {"loss": float(loss.detach()) * b, "acc": float(acc) * 100, "n": b}
-            for k, v in result.metrics.items():
-                batch[k] = float(v) * b
-            for k, v in batch.items():
-                sums[k] = sums.get(k, 0.0) + v
+        order = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch))
+        perm = torch.randperm(len(self.data.x_train), generator=order)
+        bar = _progress(cfg, spe, first, f"epoch {epoch + 1}/{cfg.epochs}")
+        for step in range(first, spe):
+            self.step(epoch, step, perm[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+            n = self.sums["n"]
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['acc'] / sums['n']:.1f}"
-            )
+            bar.set_postfix(loss=f"{self.sums['loss'] / n:.3f}", acc=f"{self.sums['acc'] / n:.1f}")
             every = cfg.checkpoint_every_steps
-            if every and (gstep + 1) % every == 0 and step + 1 < steps_per_epoch:
-                checkpoint(epoch, step + 1, sums)
+            if every and (epoch * spe + step + 1) % every == 0 and step + 1 < spe:
+                self.checkpoint(epoch, step + 1)
         bar.close()
-        seconds = time.perf_counter() - t0
         row: dict[str, Any] = {
             "epoch": epoch + 1,
-            "step": (epoch + 1) * steps_per_epoch,
-            "lr": optimizer.param_groups[0]["lr"],
+            "step": (epoch + 1) * spe,
+            "lr": self.optimizer.param_groups[0]["lr"],
         }
-        cnt = max(1.0, sums.get("n", 0.0))
-        row.update({f"train_{k}": v / cnt for k, v in sums.items() if k != "n"})
-        row["epoch_seconds"] = seconds
-        row.update(_epoch_check(cfg, model, data, device, epoch))
-        metrics.append(row)
-        _write_metrics(paths.metrics, metrics)
-        checkpoint(epoch + 1, 0, {})
+        count = max(1.0, self.sums.get("n", 0.0))
+        row.update({f"train_{k}": v / count for k, v in self.sums.items() if k != "n"})
+        row["epoch_seconds"] = time.perf_counter() - t0
+        row.update(_epoch_check(cfg, self.model, self.data, self.device, epoch))
+        self.metrics.append(row)
+        _write_metrics(self.paths.metrics, self.metrics)
+        self.sums = {}
+        self.checkpoint(epoch + 1, 0)
         if cfg.progress:
             shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
             print(json.dumps(shown), file=sys.stderr)
 
-    save_checkpoint(
-        paths.model,
-        {"meta": meta, "config": config_to_dict(cfg), "model_state": model.state_dict()},
-    )
-    print(f"wrote {paths.model}")
-    result_eval = None
-    model.eval()
-    if cfg.final_eval:
-        result_eval = final_evaluation(cfg, model, data)
-        write_json(paths.eval, {"dataset": info.name, **result_eval.to_dict()})
-        print(result_eval.table())
-        print(f"wrote {paths.eval}")
-    if cfg.final_samples:
-        images, _ = generate_samples(model, data, cfg)
-        save_image_grid(images, paths.samples, nrow=cfg.generate.n_per_class)
-        print(f"wrote {paths.samples}")
-    return TrainResult(paths, model, metrics, result_eval, start_epoch if payload else None)
+    def step(self, epoch: int, step: int, idx: torch.Tensor) -> None:
+        cfg, dev = self.cfg, self.device
+        torch.manual_seed(derive_seed(cfg.seed, epoch, step, 1))
+        xb = self.data.x_train[idx].to(dev, non_blocking=True)
+        yb = self.data.y_train[idx].to(dev, non_blocking=True)
+        if self.augment != "none":
+            g = torch.Generator(device=dev).manual_seed(derive_seed(cfg.seed, epoch, step, 2))
+            xb = augment_batch(xb, self.augment, g)
+        factor = lr_factor(cfg, epoch * self.steps_per_epoch + step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * factor
+        result = self.objective(self.model, xb, yb)
+        loss = result.loss
+        if not bool(torch.isfinite(loss)):
+            raise _diverged(float(loss.detach()), epoch, step, cfg, self.paths)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        b = len(idx)
+        correct = float((result.logits.argmax(1) == result.y).float().sum())
+        batch = {"loss": float(loss.detach()) * b, "acc": correct * 100, "n": b}
+        batch.update({k: float(v) * b for k, v in result.metrics.items()})
+        for k, v in batch.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    # ----------------------------------------------------------------- outputs
+    def finish(self, resumed: bool) -> TrainResult:
+        cfg, paths, model = self.cfg, self.paths, self.model
+        save_checkpoint(
+            paths.model,
+            {"meta": self.meta, "config": config_to_dict(cfg), "model_state": model.state_dict()},
+        )
+        print(f"wrote {paths.model}")
+        result_eval = None
+        model.eval()
+        if cfg.final_eval:
+            result_eval = final_evaluation(cfg, model, self.data)
+            write_json(paths.eval, {"dataset": self.data.info.name, **result_eval.to_dict()})
+            print(result_eval.table())
+            print(f"wrote {paths.eval}")
+        if cfg.final_samples:
+            images, _ = generate_samples(model, self.data, cfg)
+            save_image_grid(images, paths.samples, nrow=cfg.generate.n_per_class)
+            print(f"wrote {paths.samples}")
+        return TrainResult(
+            paths, model, self.metrics, result_eval, self.start_epoch if resumed else None
+        )
 
 
 def _diverged(loss: float, epoch: int, step: int, cfg: TrainConfig, paths: RunPaths) -> JeatError:
