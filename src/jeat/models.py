@@ -121,7 +121,33 @@ class PreActBlock(nn.Module):
         return out + skip
 
 
-class PreActResNet18(nn.Module):
+class _PreActNet(nn.Module):
+    """A 3x3 stem, a stack of pre-activation blocks, then norm, activation, pooling and a
+    linear head: the shape shared by PreAct-ResNet and WideResNet."""
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        body: list[nn.Module],
+        channels: int,
+        num_classes: int,
+        norm: str,
+        activation: str,
+    ) -> None:
+        super().__init__()
+        self.stem = stem
+        self.body = nn.Sequential(*body)
+        self.bn = _norm2d(norm, channels)
+        self.act = _activation(activation)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act(self.bn(self.body(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+class PreActResNet18(_PreActNet):
     """PreAct-ResNet-18 for 32x32 inputs (3x3 stem, four stages of two blocks)."""
 
     def __init__(
@@ -132,8 +158,7 @@ class PreActResNet18(nn.Module):
         norm: str = "batch",
         activation: str = "relu",
     ) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         layers: list[nn.Module] = []
         cin = width
         for i, stride in enumerate((1, 2, 2, 2)):
@@ -143,18 +168,10 @@ class PreActResNet18(nn.Module):
                 PreActBlock(cout, cout, 1, norm, activation),
             ]
             cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.bn = _norm2d(norm, cin)
-        self.act = _activation(activation)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.act(self.bn(self.layers(self.stem(x))))
-        return self.fc(torch.flatten(self.pool(out), 1))
+        super().__init__(stem, layers, cin, num_classes, norm, activation)
 
 
-class WideResNet(nn.Module):
+class WideResNet(_PreActNet):
     """WideResNet-depth-widen (Zagoruyko & Komodakis 2016) with pre-activation blocks.
 
     ``depth=28, widen=10`` is the WRN-28-10 used by JEM and JEAT (run without batch norm there:
@@ -171,12 +188,11 @@ class WideResNet(nn.Module):
         activation: str = "relu",
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
         if (depth - 4) % 6 != 0:
             raise JeatError(f"WideResNet depth must be 6n+4 (e.g. 10, 16, 28, 34), got {depth}")
         n = (depth - 4) // 6
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
-        self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         blocks: list[nn.Module] = []
         cin = widths[0]
         for stage, stride in enumerate((1, 2, 2)):
@@ -186,15 +202,7 @@ class WideResNet(nn.Module):
                 if dropout > 0:
                     blocks.append(nn.Dropout(dropout))
                 cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.bn = _norm2d(norm, cin)
-        self.act = _activation(activation)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.act(self.bn(self.blocks(self.stem(x))))
-        return self.fc(torch.flatten(self.pool(out), 1))
+        super().__init__(stem, blocks, cin, num_classes, norm, activation)
 
 
 @dataclass(frozen=True)
