@@ -10,8 +10,6 @@ from jeat.config import load_config
 from jeat.data import load_dataset
 from jeat.train import train
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 # Small budgets that keep each model to a few seconds on a 2-core CPU.
 FAST = ["progress=false", "final_eval=false", "final_samples=false", "eval.epoch_n=0"]
 
