@@ -104,5 +104,5 @@ def test_diverged_fresh_run_exits_2_and_leaves_no_files(tmp_path):
     r = jeat("train", "--out", out, "--quiet", "--lr", "1e12", "--set", "optim.name=sgd",
              "--set", "optim.momentum=0", "--set", "schedule.warmup_steps=0")  # fmt: skip
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("jeat: error: training diverged")
+    assert r.stderr.strip().splitlines()[-1].startswith("jeat: error: training diverged at")
     assert not out.exists()

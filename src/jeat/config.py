@@ -29,6 +29,7 @@ __all__ = [
     "ScheduleConfig",
     "EvalConfig",
     "GenerateConfig",
+    "StabilityConfig",
     "TrainConfig",
     "parse_value",
     "load_config",
@@ -112,6 +113,18 @@ class GenerateConfig:
 
 
 @dataclass
+class StabilityConfig:
+    """Divergence detection and automatic recovery (energy-based training is known to diverge)."""
+
+    max_recoveries: int = 3  # roll-backs before giving up
+    lr_factor: float = 0.5  # the learning rate is multiplied by this at each recovery
+    energy_bound: float = 1.0e4  # |mean energy| of data or samples beyond this: diverged
+    gap_bound: float = 1.0e3  # |E(x_data) - E(x_hat)| beyond this: diverged
+    spike_factor: float = 20.0  # loss above this x max(1, median of the recent losses): diverged
+    window: int = 50  # recent losses the spike test looks at
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -120,6 +133,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
     epochs: int = 20
     batch_size: int = 128
     seed: int = 0

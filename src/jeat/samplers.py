@@ -1,5 +1,13 @@
 """Samplers: turning a classifier's energy into images.
 
+Every sampler here runs one loop, :func:`descend`: take the input gradient of an energy (from
+:mod:`jeat.energy`) with the model in eval mode, then apply an update rule. Two rules:
+
+* **SGLD** (JEM-style): ``x <- clamp(x - eta * grad E + sigma * N(0, I), 0, 1)`` on ``E(x)``
+  (unconditional) or ``E(x, y)`` (conditional), started from a persistent
+  :class:`ReplayBuffer`.
+* **Seeded descent** (Santurkar-style), below.
+
 Class-conditional generation (Santurkar et al. 2019, in energy terms): draw a seed from a
 Gaussian ``N(mu_y, Sigma_y)`` fitted on training images of class ``y``, then descend
 ``E(x, y) - E(x)`` (the class-``y`` cross-entropy) with normalised L2 steps inside a large L2
@@ -14,17 +22,37 @@ upsampled, so the covariance stays small and well conditioned.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jeat.attacks import PGD, L2Ball
+from jeat.attacks import L2Ball, model_mode
 from jeat.data import ImageDataset
+from jeat.energy import (
+    as_logits,
+    cross_entropy_from_logits,
+    joint_energy_from_logits,
+    marginal_energy_from_logits,
+)
 from jeat.errors import JeatError
 
-__all__ = ["ClassGaussians", "fit_class_gaussians", "sample_seeds", "SeededDescent", "SEEDS"]
+__all__ = [
+    "ClassGaussians",
+    "fit_class_gaussians",
+    "sample_seeds",
+    "descend",
+    "SeededDescent",
+    "SGLD",
+    "ReplayBuffer",
+    "SEEDS",
+]
+
+# An energy to descend: per-example values from logits and (optional) labels.
+EnergyFn = Callable[[Tensor, Tensor | None], Tensor]
 
 SEEDS = ("class", "pooled", "uniform")
 
@@ -103,6 +131,170 @@ def sample_seeds(
     raise JeatError(f"unknown seed distribution '{kind}'; choose one of {', '.join(SEEDS)}")
 
 
+def descend(
+    model: nn.Module,
+    x0: Tensor,
+    energy: EnergyFn,
+    update: Callable[[Tensor, Tensor], Tensor],
+    steps: int,
+    labels: Tensor | None = None,
+) -> Tensor:
+    """Run ``x <- update(x, grad_x sum(energy(f(x), labels)))`` for ``steps`` steps.
+
+    The model runs in eval mode (every submodule's mode is restored afterwards) and only input
+    gradients are taken, so parameter ``.grad`` fields are untouched.
+    """
+    if steps < 0:
+        raise JeatError(f"sampler steps must be >= 0, got {steps}")
+    x = x0.detach()
+    with model_mode(model, True), torch.enable_grad():
+        for _ in range(steps):
+            x.requires_grad_(True)
+            e = energy(as_logits(model(x)), labels).sum()
+            (grad,) = torch.autograd.grad(e, x)
+            with torch.no_grad():
+                x = update(x, grad)
+    return x.detach()
+
+
+def _class_gap(logits: Tensor, labels: Tensor | None) -> Tensor:
+    assert labels is not None
+    return cross_entropy_from_logits(logits, labels, check=False)
+
+
+def _marginal(logits: Tensor, labels: Tensor | None) -> Tensor:
+    return marginal_energy_from_logits(logits)
+
+
+def _joint(logits: Tensor, labels: Tensor | None) -> Tensor:
+    assert labels is not None
+    return joint_energy_from_logits(logits, labels, check=False)
+
+
+@dataclass
+class SGLD:
+    """Stochastic gradient Langevin dynamics on ``E(x)`` (or ``E(x, y)`` when ``labels`` are
+    given), clamped to [0, 1].
+
+    Defaults are JEM's (step 1, noise 0.01, 20 steps on inputs in [-1, 1]) converted to [0, 1]
+    pixels: a step of ``eta`` on [-1, 1] inputs is ``eta / 4`` here and noise ``sigma`` is
+    ``sigma / 2``.
+    """
+
+    steps: int = 20
+    step_size: float = 0.25
+    noise: float = 0.005
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        labels: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        if self.step_size < 0 or self.noise < 0:
+            raise JeatError("SGLD step size and noise must be >= 0")
+
+        def update(x: Tensor, grad: Tensor) -> Tensor:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            return (x - self.step_size * grad + self.noise * noise).clamp_(0.0, 1.0)
+
+        energy = _marginal if labels is None else _joint
+        return descend(model, x0, energy, update, self.steps, labels)
+
+
+class ReplayBuffer:
+    """Persistent SGLD chains (JEM): ``size`` images, drawn in batches, a ``reinit_freq`` share of
+    each batch restarted from the re-initialisation distribution, and written back.
+
+    Slots are partitioned by class (slot ``i`` belongs to class ``i % num_classes``), so
+    class-conditional sampling draws only from its class's chains. ``init`` is ``uniform``
+    (noise in [0, 1], JEM) or ``gaussian`` (class-conditional Gaussian seeds fitted on the
+    training data). Its state (the images) is saved in training checkpoints.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        shape: tuple[int, ...],
+        num_classes: int,
+        reinit_freq: float = 0.05,
+        init: str = "uniform",
+        seeds: ClassGaussians | None = None,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if size < num_classes:
+            raise JeatError(f"replay buffer size {size} is smaller than the class count")
+        if not 0.0 <= reinit_freq <= 1.0:
+            raise JeatError(f"buffer re-init rate must lie in [0, 1], got {reinit_freq}")
+        if init not in ("uniform", "gaussian"):
+            raise JeatError(f"buffer init must be 'uniform' or 'gaussian', got '{init}'")
+        if init == "gaussian" and seeds is None:
+            raise JeatError("a 'gaussian' replay buffer needs class Gaussians fitted on data")
+        self.size = size - size % num_classes
+        self.shape = tuple(shape)
+        self.num_classes = num_classes
+        self.reinit_freq = reinit_freq
+        self.init = init
+        self.seeds = seeds
+        self.device = torch.device(device)
+        self.labels = torch.arange(self.size, device=self.device) % num_classes
+        self.x = self.fresh(self.labels, generator)
+
+    def fresh(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """New starting points from the re-initialisation distribution."""
+        if self.init == "gaussian":
+            assert self.seeds is not None
+            return self.seeds.sample(labels.cpu(), generator).to(self.device)
+        return torch.rand((len(labels), *self.shape), generator=generator).to(self.device)
+
+    def sample(
+        self, n: int, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``n`` chains (from class ``y[i]``'s partition when ``y`` is given).
+
+        Returns the starting images (a copy) and their slot indices for :meth:`update`.
+        """
+        k = self.num_classes
+        if y is None:
+            idx = torch.randint(0, self.size, (n,), generator=generator)
+        else:
+            per_class = torch.randint(0, self.size // k, (len(y),), generator=generator)
+            idx = y.cpu().long() + k * per_class
+        idx = idx.to(self.device)
+        x = self.x[idx].clone()
+        restart = (torch.rand(len(idx), generator=generator) < self.reinit_freq).to(self.device)
+        if bool(restart.any()):
+            x[restart] = self.fresh(self.labels[idx[restart]], generator)
+        return x, idx
+
+    def update(self, idx: Tensor, x: Tensor) -> None:
+        """Write chains back. A slot drawn twice in one batch keeps its last sample, chosen
+        explicitly: a plain ``x[idx] = ...`` with repeated indices is not deterministic."""
+        slots, inverse = torch.unique(idx, return_inverse=True)
+        order = torch.arange(len(idx), device=idx.device)
+        last = torch.full((len(slots),), -1, dtype=torch.long, device=idx.device)
+        last = last.scatter_reduce(0, inverse, order, reduce="amax")
+        self.x[slots] = x.detach()[last].to(self.device, self.x.dtype)
+
+    def reset(self, generator: torch.Generator | None = None) -> None:
+        """Restart every chain (used after a divergence)."""
+        self.x = self.fresh(self.labels, generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"x": self.x.cpu(), "size": self.size, "num_classes": self.num_classes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        x = state["x"]
+        if tuple(x.shape) != (self.size, *self.shape):
+            raise JeatError(
+                f"saved replay buffer has shape {tuple(x.shape)}, expected "
+                f"{(self.size, *self.shape)}; resume with the same buffer settings"
+            )
+        self.x = x.to(self.device)
+
+
 @dataclass
 class SeededDescent:
     """Descend ``E(x, y) - E(x)`` from seeds with normalised L2 steps in an L2 ball.
@@ -120,5 +312,9 @@ class SeededDescent:
     def __call__(self, model: nn.Module, seeds: Tensor, labels: Tensor) -> Tensor:
         radius = self.radius if self.radius is not None else 0.2 * math.sqrt(seeds[0].numel())
         step = self.step_size if self.step_size is not None else 2.5 * radius / self.steps
-        descent = PGD(L2Ball(radius), steps=self.steps, step_size=step, random_start=False)
-        return descent(model, seeds, labels, target=labels)
+        ball = L2Ball(radius)
+
+        def update(x: Tensor, grad: Tensor) -> Tensor:
+            return ball.project(ball.step(x, -grad, step), seeds)
+
+        return descend(model, seeds, _class_gap, update, self.steps, labels)

@@ -5,6 +5,7 @@ A run lives in one folder::
     RUN/config.yaml          resolved config (what was run)
     RUN/run.json             versions, command line, dataset and model facts
     RUN/metrics.jsonl        one JSON line per epoch
+    RUN/events.jsonl         divergences detected and recovered from (if any)
     RUN/checkpoints/last.pt  latest checkpoint (atomic; model, optimiser, objective state)
     RUN/model.pt             final weights + metadata (what eval/generate load)
     RUN/eval.json            final robustness table
@@ -14,10 +15,18 @@ Exact resume: all randomness is derived from ``(seed, epoch, step)`` (data order
 augmentation and attack random starts per step), and the learning rate is a function of the
 global step, so a run killed after any checkpoint and resumed ends with the same weights as an
 uninterrupted run.
+
+Stability: a step whose loss is not finite, whose mean energies or data-vs-sample energy gap
+exceed ``stability.*_bound``, or whose loss spikes above ``stability.spike_factor`` times the
+recent median counts as diverged. The loop then rolls back to the last good state (kept in
+memory at every checkpoint), restarts the objective's sampler, multiplies the learning rate by
+``stability.lr_factor`` and goes on, logging the event; after ``stability.max_recoveries``
+roll-backs it stops with a clear error.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import platform
@@ -56,7 +65,16 @@ __all__ = [
 ]
 
 # Config keys that may change when a run is resumed (everything else must match).
-_RESUMABLE_CHANGES = {"epochs", "progress", "device", "final_eval", "final_samples"}
+_RESUMABLE_CHANGES = {
+    "epochs",
+    "progress",
+    "device",
+    "final_eval",
+    "final_samples",
+    "stability",
+    "generate",
+    "eval",
+}
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,10 @@ class RunPaths:
     @property
     def model(self) -> Path:
         return self.root / "model.pt"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
 
     @property
     def eval(self) -> Path:
@@ -370,6 +392,11 @@ class _Loop:
         self.start_epoch, self.start_step = 0, 0
         self.sums: dict[str, float] = {}
         self.metrics: list[dict[str, Any]] = []
+        self.lr_scale = 1.0  # lowered by each recovery from a divergence
+        self.recoveries = 0
+        self.recent_losses: list[float] = []
+        self.good: dict[str, Any] | None = None  # in-memory copy of the last good state
+        objective.setup(data, self.device)
         self.steps_per_epoch = (len(data.x_train) + cfg.batch_size - 1) // cfg.batch_size
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.augment = data.info.augment if cfg.data.augment else "none"
@@ -401,6 +428,8 @@ class _Loop:
         self.objective.load_state_dict(payload.get("objective_state", {}))
         self.start_epoch, self.start_step = int(payload["epoch"]), int(payload["step"])
         self.sums = {k: float(v) for k, v in payload.get("sums", {}).items()}
+        self.lr_scale = float(payload.get("lr_scale", 1.0))
+        self.recoveries = int(payload.get("recoveries", 0))
         for stale in [*self.paths.root.glob(".*.tmp"), *ckpt.parent.glob(".*.tmp")]:
             stale.unlink()  # a temp file left by a kill during an (atomic) write
         if config_to_dict(self.cfg) != payload.get("config"):
@@ -410,7 +439,7 @@ class _Loop:
 
     def remove_new_files(self, folder_existed: bool) -> None:
         p = self.paths
-        for f in (p.config, p.run_info, p.metrics):
+        for f in (p.config, p.run_info, p.metrics, p.events):
             f.unlink(missing_ok=True)
         for d in (p.checkpoint.parent, p.root):
             if d.exists() and not any(d.iterdir()) and (d != p.root or not folder_existed):
@@ -420,28 +449,78 @@ class _Loop:
         with atomic_write(self.paths.config, "w") as fh:
             yaml.safe_dump(config_to_dict(self.cfg), fh, sort_keys=False)
 
+    def state(self, epoch: int, step: int) -> dict[str, Any]:
+        return {
+            "meta": self.meta,
+            "config": config_to_dict(self.cfg),
+            "model_state": self.model.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "objective_state": self.objective.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "sums": self.sums,
+            "lr_scale": self.lr_scale,
+            "recoveries": self.recoveries,
+        }
+
     def checkpoint(self, epoch: int, step: int) -> None:
-        save_checkpoint(
-            self.paths.checkpoint,
-            {
-                "meta": self.meta,
-                "config": config_to_dict(self.cfg),
-                "model_state": self.model.state_dict(),
-                "optimizer_state": self.optimizer.state_dict(),
-                "objective_state": self.objective.state_dict(),
-                "epoch": epoch,
-                "step": step,
-                "sums": self.sums,
-            },
-        )
+        """Write the checkpoint and keep an in-memory copy as the last good state."""
+        state = self.state(epoch, step)
+        save_checkpoint(self.paths.checkpoint, state)
+        self.good = copy.deepcopy(state)
 
     # ----------------------------------------------------------------- training
     def fit(self) -> None:
-        for epoch in range(self.start_epoch, self.cfg.epochs):
-            first = self.start_step if epoch == self.start_epoch else 0
-            if first == 0:
-                self.sums = {}
-            self.epoch(epoch, first)
+        """Run the remaining epochs, rolling back to the last good state on a divergence."""
+        self.good = copy.deepcopy(self.state(self.start_epoch, self.start_step))
+        epoch, step = self.start_epoch, self.start_step
+        while epoch < self.cfg.epochs:
+            try:
+                for e in range(epoch, self.cfg.epochs):
+                    self.epoch(e, step if e == epoch else 0)
+                return
+            except _Divergence as div:
+                epoch, step = self.recover(div)
+
+    def recover(self, div: _Divergence) -> tuple[int, int]:
+        """Restore the last good state, restart the sampler, lower the LR; or give up."""
+        st, cfg = self.cfg.stability, self.cfg
+        where = f"epoch {div.epoch + 1}, step {div.step + 1}"
+        if self.recoveries >= st.max_recoveries:
+            raise JeatError(
+                f"training diverged at {where} ({div.reason}) and did not recover after "
+                f"{self.recoveries} roll-backs; lower optim.lr (now {cfg.optim.lr:g} x "
+                f"{self.lr_scale:g}) and train again"
+            )
+        assert self.good is not None
+        good = self.good
+        self.model.load_state_dict(good["model_state"])
+        self.optimizer.load_state_dict(good["optimizer_state"])
+        self.objective.load_state_dict(good["objective_state"])
+        self.objective.reset_state()
+        self.sums = dict(good["sums"])
+        self.recoveries += 1
+        self.lr_scale *= st.lr_factor
+        self.recent_losses = []
+        event = {
+            "event": "recovered",
+            "at_epoch": div.epoch + 1,
+            "at_step": div.step + 1,
+            "reason": div.reason,
+            "rolled_back_to_epoch": good["epoch"] + 1,
+            "rolled_back_to_step": good["step"],
+            "lr_scale": self.lr_scale,
+            "recoveries": self.recoveries,
+        }
+        with open(self.paths.events, "a") as fh:
+            fh.write(json.dumps(event) + "\n")
+        print(
+            f"jeat: training diverged at {where} ({div.reason}); rolled back to epoch "
+            f"{good['epoch'] + 1} step {good['step']}, restarted the sampler, "
+            f"LR x{self.lr_scale:g}",
+            file=sys.stderr,
+        )
+        return int(good["epoch"]), int(good["step"])
 
     def epoch(self, epoch: int, first: int) -> None:
         cfg, spe = self.cfg, self.steps_per_epoch
@@ -486,11 +565,12 @@ class _Loop:
             xb = augment_batch(xb, self.augment, g)
         factor = lr_factor(cfg, epoch * self.steps_per_epoch + step, self.total_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.optim.lr * factor
+            group["lr"] = cfg.optim.lr * self.lr_scale * factor
         result = self.objective(self.model, xb, yb)
         loss = result.loss
-        if not bool(torch.isfinite(loss)):
-            raise _diverged(float(loss.detach()), epoch, step, cfg, self.paths)
+        reason = self.diverged(float(loss.detach()), result.metrics)
+        if reason:
+            raise _Divergence(reason, epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip:
@@ -502,6 +582,28 @@ class _Loop:
         batch.update({k: float(v) * b for k, v in result.metrics.items()})
         for k, v in batch.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def diverged(self, loss: float, metrics: dict[str, torch.Tensor]) -> str | None:
+        """Why this step counts as diverged (None if it does not)."""
+        st = self.cfg.stability
+        if not math.isfinite(loss):
+            return f"the loss is {loss}"
+        for key in ("energy", "energy_data", "energy_sample"):
+            if key in metrics:
+                value = float(metrics[key])
+                if not math.isfinite(value) or abs(value) > st.energy_bound:
+                    return f"mean {key.replace('_', ' ')} {value:.4g} beyond {st.energy_bound:g}"
+        if "energy_gap" in metrics and abs(float(metrics["energy_gap"])) > st.gap_bound:
+            gap = float(metrics["energy_gap"])
+            return f"data-vs-sample energy gap {gap:.4g} beyond {st.gap_bound:g}"
+        recent = self.recent_losses
+        if len(recent) >= st.window:
+            median = sorted(abs(v) for v in recent)[len(recent) // 2]
+            if abs(loss) > st.spike_factor * max(1.0, median):
+                return f"loss spike {loss:.4g} (recent median {median:.4g})"
+            recent.pop(0)
+        recent.append(loss)
+        return None
 
     # ----------------------------------------------------------------- outputs
     def finish(self, resumed: bool) -> TrainResult:
@@ -527,13 +629,12 @@ class _Loop:
         )
 
 
-def _diverged(loss: float, epoch: int, step: int, cfg: TrainConfig, paths: RunPaths) -> JeatError:
-    last = paths.checkpoint
-    hint = f" the last good checkpoint is {last};" if last.exists() else ""
-    return JeatError(
-        f"training diverged: the loss is {loss} at epoch {epoch + 1}, step {step + 1};{hint} "
-        f"lower optim.lr (now {cfg.optim.lr:g}) and train again"
-    )
+class _Divergence(Exception):
+    """Raised inside the loop when a step diverged; handled by :meth:`_Loop.recover`."""
+
+    def __init__(self, reason: str, epoch: int, step: int) -> None:
+        super().__init__(reason)
+        self.reason, self.epoch, self.step = reason, epoch, step
 
 
 def _progress(cfg: TrainConfig, total: int, initial: int, desc: str):
