@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -55,6 +56,26 @@ def test_train_eval_generate_pipeline(tmp_path):
              tmp_path / "g.png")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "g.png").size[0] > Image.open(tmp_path / "g.png").size[1]
+
+    # SGLD, conditional, with the samples saved for scoring
+    r = jeat("generate", run, "--method", "sgld", "--classes", "2,5", "--n", "3", "--steps",
+             "4", "--out", tmp_path / "s.png", "--npz", tmp_path / "s.npz")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    saved = np.load(tmp_path / "s.npz")
+    assert saved["images"].shape == (6, 1, 8, 8)
+    assert saved["labels"].tolist() == [2, 2, 2, 5, 5, 5] and str(saved["method"]) == "sgld"
+    assert saved["images"].min() >= 0.0 and saved["images"].max() <= 1.0
+    # unconditional SGLD on E(x): n * classes images in a square grid, labels -1
+    r = jeat("generate", run, "--method", "sgld", "--unconditional", "--n", "2", "--steps", "4",
+             "--out", tmp_path / "u.png", "--npz", tmp_path / "u.npz")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (np.load(tmp_path / "u.npz")["labels"] == -1).sum() == 20
+    w, h = Image.open(tmp_path / "u.png").size
+    assert abs(w - h) <= w // 4
+    # descent is class-conditional only: a clear error, no file written
+    r = jeat("generate", run, "--unconditional", "--out", tmp_path / "bad.png")
+    assert r.returncode == 2 and "class-conditional" in r.stderr
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_listings():

@@ -90,8 +90,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from jeat.train import generate_samples, load_trained
-    from jeat.utils import save_image_grid
+    import numpy as np
+    import torch
+
+    from jeat.train import generate_samples, grid_width, load_trained
+    from jeat.utils import atomic_write, save_image_grid
 
     model, meta, cfg = load_trained(args.run, device=args.device)
     data = _run_data(cfg.data, args.data_dir, args.download)
@@ -101,12 +104,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cfg.generate.radius = args.radius
     if args.seeds is not None:
         cfg.generate.seeds = args.seeds
+    if args.method is not None:
+        cfg.generate.method = args.method
+    if args.unconditional:
+        cfg.generate.conditional = False
+    if args.n is not None:
+        cfg.generate.n_per_class = args.n
     classes = _int_list(args.classes) if args.classes else None
-    images, _ = generate_samples(model, data, cfg, classes, args.n, seed=args.seed)
+    images, labels = generate_samples(model, data, cfg, classes, seed=args.seed)
     run = Path(args.run)
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "samples.png"
-    save_image_grid(images, out, nrow=args.n or cfg.generate.n_per_class)
+    g = cfg.generate
+    save_image_grid(images, out, nrow=grid_width(g, len(images)))
     print(f"wrote {out}")
+    if args.npz:
+        with atomic_write(args.npz, "wb") as fh:
+            np.savez_compressed(
+                fh,
+                images=images.numpy(),
+                labels=(labels if labels is not None else torch.full((len(images),), -1)).numpy(),
+                method=np.array(g.method),
+                dataset=np.array(meta["dataset"]),
+            )
+        print(f"wrote {args.npz}")
     return 0
 
 
@@ -185,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--n", type=int, help="test points (0: all)")
             s.add_argument("--batch-size", type=int, default=256)
         else:
+            s.add_argument(
+                "--method",
+                choices=["descent", "sgld"],
+                help="seeded descent on E(x,y)-E(x), or SGLD on the energy",
+            )
+            s.add_argument(
+                "--unconditional",
+                action="store_true",
+                help="sample E(x) instead of one row per class (sgld)",
+            )
+            s.add_argument("--npz", help="also save the samples (images, labels) to this .npz")
             s.add_argument("--classes", help="comma list of class indices (default: all)")
             s.add_argument("--n", type=int, help="images per class")
             s.add_argument("--steps", type=int)

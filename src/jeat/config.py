@@ -104,12 +104,16 @@ class EvalConfig:
 
 @dataclass
 class GenerateConfig:
-    n_per_class: int = 8
+    method: str = "descent"  # descent (Santurkar seeded descent) | sgld (Langevin on the energy)
+    conditional: bool = True  # one row per class; false: unconditional samples of E(x) (sgld)
+    n_per_class: int = 8  # images per class (conditional) or n_per_class * 10 (unconditional)
     steps: int = 60
     radius: float | None = None  # L2 ball around the seed; None: 0.2 * sqrt(dim)
     step_size: float | None = None  # None: 2.5 * radius / steps
     seed_resolution: int = 16  # fit Gaussian seeds at most at this side length, then upsample
     seeds: str = "class"  # class: N(mu_y, S_y) per class | pooled: one Gaussian | uniform
+    sgld_step_size: float = 0.25  # JEM's step 1 on [-1, 1] inputs
+    sgld_noise: float = 0.005  # JEM's 0.01 on [-1, 1] inputs
 
 
 @dataclass

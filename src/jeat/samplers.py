@@ -48,6 +48,7 @@ __all__ = [
     "SeededDescent",
     "SGLD",
     "ReplayBuffer",
+    "generate",
     "SEEDS",
 ]
 
@@ -318,3 +319,53 @@ class SeededDescent:
             return ball.project(ball.step(x, -grad, step), seeds)
 
         return descend(model, seeds, _class_gap, update, self.steps, labels)
+
+
+def generate(
+    model: nn.Module,
+    data: ImageDataset,
+    cfg: Any,
+    classes: list[int] | None = None,
+    n_per_class: int | None = None,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor | None]:
+    """Generate images from a classifier's energy, as a :class:`~jeat.config.GenerateConfig`
+    ``cfg`` describes.
+
+    * ``method="descent"``: seeded descent on ``E(x, y) - E(x)`` (class-conditional only).
+    * ``method="sgld"``: ``cfg.steps`` SGLD steps on ``E(x, y)`` (conditional) or ``E(x)``
+      (``conditional=False``), from the seed distribution ``cfg.seeds``.
+
+    Conditional samples come class by class (``n_per_class`` each, labels returned);
+    unconditional ones are ``n_per_class * num_classes`` images with labels ``None``.
+    """
+    k = data.info.num_classes
+    if cfg.method not in ("descent", "sgld"):
+        raise JeatError(f"unknown generation method '{cfg.method}'; choose descent or sgld")
+    if not cfg.conditional and cfg.method == "descent":
+        raise JeatError("descent generation is class-conditional; use method sgld for E(x)")
+    classes = list(range(k)) if classes is None else classes
+    bad = [c for c in classes if not 0 <= c < k]
+    if bad:
+        raise JeatError(f"classes {bad} out of range for {data.info.name} (0..{k - 1})")
+    n = n_per_class or cfg.n_per_class
+    if n < 1:
+        raise JeatError(f"images per class must be >= 1, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    if cfg.conditional:
+        labels: Tensor | None = torch.tensor(classes).repeat_interleave(n)
+        seed_labels = labels
+    else:
+        labels, seed_labels = None, torch.randint(0, k, (n * k,), generator=gen)
+    seeds = sample_seeds(cfg.seeds, data, seed_labels, gen, max_side=cfg.seed_resolution)
+    device = next(model.parameters()).device
+    seeds = seeds.to(device)
+    dev_labels = labels.to(device) if labels is not None else None
+    if cfg.method == "descent":
+        assert dev_labels is not None
+        sampler = SeededDescent(steps=cfg.steps, radius=cfg.radius, step_size=cfg.step_size)
+        images = sampler(model, seeds, dev_labels)
+    else:
+        sgld = SGLD(steps=cfg.steps, step_size=cfg.sgld_step_size, noise=cfg.sgld_noise)
+        images = sgld(model, seeds, dev_labels)
+    return images.cpu(), labels

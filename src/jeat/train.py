@@ -49,7 +49,7 @@ from jeat.errors import JeatError
 from jeat.evaluate import EvalResult, evaluate
 from jeat.models import create_model
 from jeat.objectives import Objective, create_objective
-from jeat.samplers import SeededDescent, sample_seeds
+from jeat.samplers import generate
 from jeat.utils import atomic_write, derive_seed, resolve_device, save_image_grid, write_json
 
 __all__ = [
@@ -294,22 +294,16 @@ def generate_samples(
     classes: list[int] | None = None,
     n_per_class: int | None = None,
     seed: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-conditional samples by seeded descent; rows ordered class by class."""
-    g = cfg.generate
-    k = data.info.num_classes
-    classes = list(range(k)) if classes is None else classes
-    bad = [c for c in classes if not 0 <= c < k]
-    if bad:
-        raise JeatError(f"classes {bad} out of range for {data.info.name} (0..{k - 1})")
-    n = n_per_class or g.n_per_class
-    labels = torch.tensor(classes).repeat_interleave(n)
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed if seed is None else seed, 13))
-    seeds = sample_seeds(g.seeds, data, labels, gen, max_side=g.seed_resolution)
-    device = next(model.parameters()).device
-    sampler = SeededDescent(steps=g.steps, radius=g.radius, step_size=g.step_size)
-    images = sampler(model, seeds.to(device), labels.to(device))
-    return images.cpu(), labels
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples as ``cfg.generate`` describes (see :func:`jeat.samplers.generate`)."""
+    return generate(
+        model,
+        data,
+        cfg.generate,
+        classes=classes,
+        n_per_class=n_per_class,
+        seed=derive_seed(cfg.seed if seed is None else seed, 13),
+    )
 
 
 def _prepare_run(
@@ -552,7 +546,7 @@ class _Loop:
         self.sums = {}
         self.checkpoint(epoch + 1, 0)
         if cfg.progress:
-            shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+            shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()}
             print(json.dumps(shown), file=sys.stderr)
 
     def step(self, epoch: int, step: int, idx: torch.Tensor) -> None:
@@ -622,11 +616,16 @@ class _Loop:
             print(f"wrote {paths.eval}")
         if cfg.final_samples:
             images, _ = generate_samples(model, self.data, cfg)
-            save_image_grid(images, paths.samples, nrow=cfg.generate.n_per_class)
+            save_image_grid(images, paths.samples, nrow=grid_width(cfg.generate, len(images)))
             print(f"wrote {paths.samples}")
         return TrainResult(
             paths, model, self.metrics, result_eval, self.start_epoch if resumed else None
         )
+
+
+def grid_width(g: Any, n_images: int) -> int:
+    """Images per grid row: one row per class, or a square for unconditional samples."""
+    return g.n_per_class if g.conditional else int(math.ceil(math.sqrt(n_images)))
 
 
 class _Divergence(Exception):
