@@ -44,3 +44,26 @@ def test_overrides_apply_and_typos_fail():
         load_config("no-such-config")
     with pytest.raises(JeatError, match="key.sub=value"):
         load_config("digits-pgdat", ["epochs"])
+
+
+def test_every_dataset_has_all_four_objectives_and_bases_merge(tmp_path):
+    names = builtin_configs()
+    for ds in ("digits", "mnist", "cifar10"):
+        for obj, suffix in [("standard", "standard"), ("pgd-at", "pgdat"), ("jem", "jem"),
+                            ("jeat", "jeat")]:  # fmt: skip
+            cfg = load_config(f"{ds}-{suffix}")
+            assert cfg.objective.name == obj and cfg.data.name == ds
+    for paper in ("cifar10-jem-paper", "cifar10-jeat-paper"):
+        cfg = load_config(paper)
+        assert cfg.model.name == "wrn" and cfg.model.options["depth"] == 28
+        assert cfg.model.options["norm"] == "none" and paper in names
+    # a child overrides one key of a section and keeps its siblings
+    jeat = load_config("mnist-jeat")
+    assert jeat.objective.attack.eps == pytest.approx(0.3) and jeat.objective.attack.steps == 40
+    (tmp_path / "base.yaml").write_text("epochs: 7\noptim: {name: adam, lr: 0.01}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {lr: 0.5}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert cfg.epochs == 7 and cfg.optim.name == "adam" and cfg.optim.lr == 0.5
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(JeatError, match="cycle"):
+        load_config(str(tmp_path / "loop.yaml"))

@@ -140,3 +140,17 @@ def test_forced_divergence_is_detected_and_recovered(tmp_path, monkeypatch):
     assert [m["epoch"] for m in result.metrics] == [1, 2, 3]
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["recoveries"] == 1 and state["lr_scale"] == 0.5
+
+
+def test_eps_warmup_grows_the_training_budget_linearly():
+    cfg = load_config("digits-pgdat", ["objective.attack.eps_warmup_steps=4"])
+    for name in ("pgd-at", "jeat"):
+        cfg.objective.name = name
+        obj = create_objective(cfg.objective, INFO)
+        seen = []
+        for step in range(6):
+            obj.begin_step(step)
+            seen.append((obj.attack.threat.eps, obj.attack.step_size))
+        assert [e for e, _ in seen] == pytest.approx([0.15 * f for f in (0.25, 0.5, 0.75, 1, 1, 1)])
+        assert seen[0][1] == pytest.approx(0.0375 / 4) and seen[-1][1] == pytest.approx(0.0375)
+        assert obj.attack.eval_mode  # the warm-up keeps the attack's mode

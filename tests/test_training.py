@@ -152,3 +152,24 @@ def test_amsgrad_and_sgd_options_build(tmp_path):
     res = train(_tiny(["epochs=1", "optim.amsgrad=true"]), tmp_path / "ams")
     state = load_checkpoint(res.paths.checkpoint)["optimizer_state"]
     assert state["param_groups"][0]["amsgrad"] is True
+
+
+def test_warm_start_copies_weights_and_checks_the_architecture(tmp_path):
+    source = train(_tiny(["epochs=1"]), tmp_path / "src")
+    warm = train(
+        _tiny(["epochs=1", "optim.lr=1e-12", f"model.init_from={tmp_path / 'src'}"]),
+        tmp_path / "warm",
+    )
+    cold = train(_tiny(["epochs=1", "optim.lr=1e-12", "seed=1"]), tmp_path / "cold")
+    a, b = source.model.state_dict(), warm.model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    c = cold.model.state_dict()
+    assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+    with pytest.raises(JeatError, match="init_from.*width"):
+        train(
+            _tiny(["model.options.width=16", f"model.init_from={tmp_path / 'src'}"]),
+            tmp_path / "bad",
+        )
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(JeatError, match="does not exist"):
+        train(_tiny(["model.init_from=/no/such/run"]), tmp_path / "bad2")

@@ -306,6 +306,23 @@ def generate_samples(
     )
 
 
+def _warm_start(model: nn.Module, cfg: TrainConfig, info: DatasetInfo) -> None:
+    """Copy the weights of run/checkpoint ``cfg.model.init_from`` into ``model``."""
+    source = Path(str(cfg.model.init_from))
+    if not source.exists():
+        raise JeatError(f"model.init_from: {source} does not exist")
+    src, meta, _ = load_trained(source)
+    want = (cfg.model.name, dict(cfg.model.options), info.num_classes, info.shape[0])
+    have = (meta["model"], meta["model_options"], meta["num_classes"], meta["in_channels"])
+    if want != have:
+        raise JeatError(
+            f"model.init_from: {source} holds {have[0]} {have[1]} for {have[2]} classes and "
+            f"{have[3]} channel(s); this run builds {want[0]} {want[1]} for {want[2]} classes "
+            f"and {want[3]} channel(s)"
+        )
+    model.load_state_dict(src.state_dict())
+
+
 def _prepare_run(
     cfg: TrainConfig, out: Path, resume: bool, data: ImageDataset | None
 ) -> tuple[ImageDataset, nn.Module, Objective, dict | None]:
@@ -330,6 +347,8 @@ def _prepare_run(
         _check_resume_config(payload.get("config", {}), cfg, out)
     elif out.exists() and any(out.iterdir()) and not resume:
         raise JeatError(f"{out} exists and is not empty; choose a new --out folder")
+    if payload is None and cfg.model.init_from:
+        _warm_start(model, cfg, info)
     if data is None:
         data = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download)
     if cfg.data.train_subset is not None:
@@ -547,7 +566,7 @@ class _Loop:
         self.checkpoint(epoch + 1, 0)
         if cfg.progress:
             shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()}
-            print(json.dumps(shown), file=sys.stderr)
+            print(json.dumps(shown), file=sys.stderr, flush=True)
 
     def step(self, epoch: int, step: int, idx: torch.Tensor) -> None:
         cfg, dev = self.cfg, self.device
@@ -560,6 +579,7 @@ class _Loop:
         factor = lr_factor(cfg, epoch * self.steps_per_epoch + step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.optim.lr * self.lr_scale * factor
+        self.objective.begin_step(epoch * self.steps_per_epoch + step)
         result = self.objective(self.model, xb, yb)
         loss = result.loss
         reason = self.diverged(float(loss.detach()), result.metrics)
