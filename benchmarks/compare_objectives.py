@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -99,9 +100,12 @@ def _cfg(spec: DatasetSpec, objective: str, args: argparse.Namespace, extra=()) 
 def _train(cfg: TrainConfig, folder: Path, data: ImageDataset) -> tuple[torch.nn.Module, float]:
     """Train (or reuse / resume) a run; returns the model and its mean seconds per epoch."""
     if (folder / "model.pt").exists():
-        print(f"  reusing {folder}")
+        print(f"  reusing {folder}", flush=True)
     else:
-        train(cfg, folder, resume=(folder / "checkpoints" / "last.pt").exists(), data=data)
+        resume = (folder / "checkpoints" / "last.pt").exists()
+        if folder.exists() and not resume:
+            shutil.rmtree(folder)  # our own run, killed before its first checkpoint
+        train(cfg, folder, resume=resume, data=data)
     model, _, _ = load_trained(folder)
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return model, statistics.mean(r["epoch_seconds"] for r in rows)
@@ -140,16 +144,23 @@ def run_dataset(name: str, args: argparse.Namespace, out: Path) -> dict:
     info = data.info
     work = Path(args.work) / name
     out.mkdir(parents=True, exist_ok=True)
-    print(f"== {name}: {len(data.x_train)} train / {len(data.x_test)} test images")
+    print(f"== {name}: {len(data.x_train)} train / {len(data.x_test)} test images", flush=True)
 
-    # 1. the judge: an independent standard classifier (own seed, twice the width)
+    # 1. the judge: an independent standard classifier (own seed, twice the width, trained
+    #    for --judge-epochs so that it is a good classifier of the dataset)
+    judge_epochs = args.judge_epochs or args.epochs
     judge_cfg = _cfg(
         spec,
         "standard",
         args,
-        [f"seed={args.seed + 1000}", f"model.options.width={2 * args.width}"],
+        [
+            f"seed={args.seed + 1000}",
+            f"model.options.width={2 * args.width}",
+            f"epochs={judge_epochs}",
+        ],
     )
-    judge, _ = _train(judge_cfg, work / "judge", data)
+    judge_dir = work / ("judge" if judge_epochs == args.epochs else f"judge-e{judge_epochs}")
+    judge, _ = _train(judge_cfg, judge_dir, data)
     judge_acc = evaluate(judge, data.x_test, data.y_test, ["clean"], LinfBall(0.0)).rows[0]
     print(f"  judge: small_cnn width {2 * args.width}, test accuracy {judge_acc.accuracy:.2f}%")
 
@@ -167,7 +178,7 @@ def run_dataset(name: str, args: argparse.Namespace, out: Path) -> dict:
     for label, (objective, extra) in variants.items():
         cfg = _cfg(spec, objective, args, extra)
         eps = cfg.eval.eps if cfg.eval.eps is not None else info.eps_linf
-        print(f"-- {label}")
+        print(f"-- {label}", flush=True)
         model, epoch_s = _train(cfg, work / label, data)
         table = evaluate(model, data.x_test, data.y_test, ["clean", "pgd20"], LinfBall(eps))
         row = {
@@ -193,7 +204,8 @@ def run_dataset(name: str, args: argparse.Namespace, out: Path) -> dict:
         rows.append(row)
         print(
             f"  clean {row['clean']:.2f}  pgd20 {row['pgd20']:.2f}  {epoch_s:.1f} s/epoch  "
-            f"descent FD {row['descent']['judge_fd']:.2f}  sgld FD {row['sgld']['judge_fd']:.2f}"
+            f"descent FD {row['descent']['judge_fd']:.2f}  sgld FD {row['sgld']['judge_fd']:.2f}",
+            flush=True,
         )
 
     # 3. references: the seeds the samplers start from, and real training images
@@ -227,7 +239,11 @@ def run_dataset(name: str, args: argparse.Namespace, out: Path) -> dict:
         "eps_linf": eps,
         "epochs": args.epochs,
         "width": args.width,
-        "judge": {"width": 2 * args.width, "test_accuracy": judge_acc.accuracy},
+        "judge": {
+            "width": 2 * args.width,
+            "epochs": judge_epochs,
+            "test_accuracy": judge_acc.accuracy,
+        },
         "samples_per_model": k * per,
         "generation_steps": args.gen_steps,
         "rows": rows,
@@ -251,7 +267,8 @@ def markdown(r: dict) -> str:
         f"### {r['dataset']} ({r['data']}: {r['n_train']} train / {r['n_test']} test, "
         f"L-inf eps {r['eps_linf']:.4g}, {r['epochs']} epochs, small_cnn width {r['width']})",
         "",
-        f"Judge: standard small_cnn width {r['judge']['width']}, test accuracy "
+        f"Judge: standard small_cnn width {r['judge']['width']}, {r['judge']['epochs']} "
+        "epochs, test accuracy "
         f"{r['judge']['test_accuracy']:.2f}%. Generation: {r['samples_per_model']} "
         f"class-conditional samples per model, {r['generation_steps']} steps from "
         "class-Gaussian seeds. FD = judge Fréchet distance to the test images (lower is "
@@ -294,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--datasets", default="mnist,cifar10")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument(
+        "--judge-epochs", type=int, help="epochs of the judge classifier (default: --epochs)"
+    )
     p.add_argument("--width", type=int, default=16, help="small_cnn width of the compared models")
     p.add_argument("--per-class", type=int, default=100, help="samples per class to score")
     p.add_argument("--gen-steps", type=int, default=60)
