@@ -40,17 +40,34 @@ def test_train_eval_generate_pipeline(tmp_path):
         assert str(run / name) in r.stdout or name in ("config.yaml", "run.json", "metrics.jsonl")
     table = json.loads((run / "eval.json").read_text())
     assert [a["attack"] for a in table["attacks"]] == ["clean", "fgsm", "pgd20"]
-    assert table["eps"] == pytest.approx(0.15) and table["n"] == 100
+    assert table["eps"] == pytest.approx(0.2) and table["n"] == 100
     assert table["robust_accuracy"] <= min(a["accuracy"] for a in table["attacks"])
     grid = Image.open(run / "samples.png")
     assert grid.size[1] > grid.size[0] * 2  # 10 rows (classes) of 3 images
 
-    r = jeat("eval", run, "--attacks", "clean,pgd5,cw10", "--eps", "8/255", "--n", "50",
-             "--out", tmp_path / "e.json")  # fmt: skip
+    r = jeat("eval", run, "--attacks", "clean,pgd5,cw10,roa:steps=3,pgd5-t:targets=2",
+             "--eps", "8/255", "--n", "50", "--quiet", "--out", tmp_path / "e.json",
+             "--curve", "pgd5", "--curve-eps", "0,4/255,8/255")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "worst-case" in r.stdout and f"wrote {tmp_path / 'e.json'}" in r.stdout
+    assert "worst case" in r.stdout and f"wrote {tmp_path / 'e.json'}" in r.stdout
     e = json.loads((tmp_path / "e.json").read_text())
-    assert e["eps"] == pytest.approx(8 / 255) and len(e["attacks"]) == 3
+    assert e["eps"] == pytest.approx(8 / 255) and e["mode"] == "cascade"
+    assert [a["attack"] for a in e["attacks"]] == [
+        "clean", "pgd5", "cw10", "roa:steps=3", "pgd5-t:targets=2"
+    ]  # fmt: skip
+    assert e["attacks"][3]["threat"] == "patch 2x2"
+    assert (tmp_path / "e.md").read_text().count("| pgd5 ") == 1
+    assert (tmp_path / "e.csv").read_text().splitlines()[0].startswith("attack,category")
+    assert e["curve"]["eps"] == pytest.approx([0, 4 / 255, 8 / 255])
+    assert (tmp_path / "curve-pgd5-linf.png").exists()
+    assert (tmp_path / "curve-pgd5-linf.csv").read_text().startswith("eps,accuracy")
+
+    r = jeat("attack", run, "--attack", "fgsm", "--n", "12", "--out", tmp_path / "adv.npz")
+    assert r.returncode == 0, r.stderr
+    adv = np.load(tmp_path / "adv.npz")
+    assert adv["x_adv"].shape == (12, 1, 8, 8) and str(adv["attack"]) == "fgsm"
+    assert np.abs(adv["x_adv"] - adv["x"]).max() <= 0.2 + 1e-6
+    assert Image.open(tmp_path / "adv.png").size[0] > 0
 
     r = jeat("generate", run, "--classes", "1,7", "--n", "4", "--steps", "5", "--out",
              tmp_path / "g.png")  # fmt: skip
@@ -78,6 +95,15 @@ def test_train_eval_generate_pipeline(tmp_path):
     assert not (tmp_path / "bad.png").exists()
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    r = jeat("train", "--out", run, *QUICK, "--epochs", "1", "--set", "final_eval=false",
+             "--set", "final_samples=false")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return run
+
+
 def test_listings():
     r = jeat("datasets")
     assert r.returncode == 0 and all(
@@ -87,6 +113,10 @@ def test_listings():
     assert r.returncode == 0 and all(n in r.stdout for n in ("small_cnn", "preact_resnet18", "wrn"))
     r = jeat("objectives")
     assert r.returncode == 0 and "pgd-at" in r.stdout and "standard" in r.stdout
+    r = jeat("attacks")
+    assert r.returncode == 0 and all(
+        n in r.stdout for n in ("autoattack", "square", "sgm", "roa", "dlrN", "n_queries")
+    )
     r = jeat("config", "cifar10-pgdat-paper")
     assert r.returncode == 0 and "widen: 10" in r.stdout
 
@@ -101,9 +131,18 @@ def test_listings():
         (["train", "--dataset", "cifar10", "--data-dir", "EMPTY"], "download"),
         (["eval", "NOWHERE"], "no model.pt"),
         (["eval", "BADCKPT"], "corrupt"),
+        (["eval", "RUN", "--attacks", "clean,deepfool"], "unknown attack 'deepfool'"),
+        (["eval", "RUN", "--attacks", "pgd0"], "at least 1 step"),
+        (["eval", "RUN", "--eps", "-0.1"], "--eps must be >= 0"),
+        (["eval", "RUN", "--attacks", "pgd5:eps=-1"], "eps must be"),
+        (["eval", "RUN", "--attacks", "sgm"], "needs a source model"),
+        (["attack", "RUN", "--attack", "clean"], "not an attack"),
     ],
 )
-def test_errors_are_one_line_exit_2_and_leave_no_files(tmp_path, args, message):
+def test_errors_are_one_line_exit_2_and_leave_no_files(tmp_path, tiny_run, args, message):
+    uses_run = "RUN" in args
+    args = [str(tiny_run) if a == "RUN" else a for a in args]
+    before_run = sorted(p.name for p in tiny_run.rglob("*"))
     (tmp_path / "EMPTY").mkdir()
     (tmp_path / "NOWHERE").mkdir()
     (tmp_path / "BADCKPT").write_bytes(b"not a checkpoint")
@@ -118,6 +157,8 @@ def test_errors_are_one_line_exit_2_and_leave_no_files(tmp_path, args, message):
     assert message in lines[0]
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    if uses_run:  # a failed eval writes nothing into the run folder
+        assert sorted(p.name for p in tiny_run.rglob("*")) == before_run
 
 
 def test_diverged_fresh_run_exits_2_and_leaves_no_files(tmp_path):

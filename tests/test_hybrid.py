@@ -16,7 +16,7 @@ def test_jeat_is_as_robust_as_pgdat_and_far_above_standard(
     cfg = load_config("digits-jeat", FAST)
     jeat = train(cfg, tmp_path / "jeat", data=digits).model
     x, y = digits.x_test, digits.y_test
-    threat = LinfBall(0.15)
+    threat = LinfBall(digits.info.eps_linf)
     rows = {
         name: evaluate(m, x, y, ["clean", "pgd20"], threat, seed=1)
         for name, m in [("standard", standard_model), ("pgd-at", pgdat_model), ("jeat", jeat)]

@@ -151,6 +151,6 @@ def test_eps_warmup_grows_the_training_budget_linearly():
         for step in range(6):
             obj.begin_step(step)
             seen.append((obj.attack.threat.eps, obj.attack.step_size))
-        assert [e for e, _ in seen] == pytest.approx([0.15 * f for f in (0.25, 0.5, 0.75, 1, 1, 1)])
-        assert seen[0][1] == pytest.approx(0.0375 / 4) and seen[-1][1] == pytest.approx(0.0375)
+        assert [e for e, _ in seen] == pytest.approx([0.2 * f for f in (0.25, 0.5, 0.75, 1, 1, 1)])
+        assert seen[0][1] == pytest.approx(0.05 / 4) and seen[-1][1] == pytest.approx(0.05)
         assert obj.attack.eval_mode  # the warm-up keeps the attack's mode

@@ -66,26 +66,187 @@ def _run_data(cfg_data, data_dir: str | None, download: bool) -> ImageDataset:
     )
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from jeat.train import final_evaluation, load_trained
-    from jeat.utils import write_json
+def _eval_setup(args: argparse.Namespace):
+    """Model, data, config, test points and threat for ``eval`` and ``attack``."""
+    from jeat.evaluate import EvalContext
+    from jeat.train import eval_threat, load_trained
 
     model, meta, cfg = load_trained(args.run, device=args.device)
     data = _run_data(cfg.data, args.data_dir, args.download)
     if args.norm:
         cfg.eval.norm = args.norm
     if args.eps is not None:
+        if args.eps < 0:
+            raise JeatError(f"--eps must be >= 0, got {args.eps}")
         cfg.eval.eps = args.eps
     if args.n is not None:
         cfg.eval.n = None if args.n <= 0 else args.n
+    if args.batch_size < 1:
+        raise JeatError(f"--batch-size must be >= 1, got {args.batch_size}")
     cfg.eval.batch_size = args.batch_size
-    attacks = _csv(args.attacks) if args.attacks else None
-    result = final_evaluation(cfg, model, data, attacks)
-    print(result.table())
+    n = len(data.x_test) if cfg.eval.n is None else min(cfg.eval.n, len(data.x_test))
+    context = EvalContext(
+        device=next(model.parameters()).device,
+        num_classes=data.info.num_classes,
+        image_shape=data.info.shape,
+    )
+    return model, meta, cfg, data, n, eval_threat(cfg, data.info), context
+
+
+def _out_base(args: argparse.Namespace, default_name: str) -> Path:
     run = Path(args.run)
-    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "eval.json"
-    write_json(out, {"dataset": meta["dataset"], **result.to_dict()})
-    print(f"wrote {out}")
+    folder = run if run.is_dir() else run.parent
+    return Path(args.out) if args.out else folder / default_name
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jeat.sanity import robustness_curve, sanity_checks
+    from jeat.train import final_evaluation
+    from jeat.utils import atomic_write, write_json
+
+    model, meta, cfg, data, n, threat, context = _eval_setup(args)
+    x, y = data.x_test[:n], data.y_test[:n]
+    seed = args.seed
+    attacks = _csv(args.attacks) if args.attacks else None
+    result = final_evaluation(
+        cfg, model, data, attacks, mode=args.mode, context=context, progress=not args.quiet
+    )
+    out = _out_base(args, "eval.json")
+    payload: dict = {"dataset": meta["dataset"], "run": str(args.run), **result.to_dict()}
+    written = []
+    if args.sanity:
+        report = sanity_checks(
+            model,
+            x,
+            y,
+            threat,
+            attack=args.sanity_attack,
+            black_box=args.sanity_black_box or None,
+            transfer=args.sanity_transfer,
+            tolerance=args.tolerance,
+            batch_size=cfg.eval.batch_size,
+            seed=seed,
+            context=context,
+            progress=not args.quiet,
+        )
+        payload["sanity"] = report.to_dict()
+        payload["warnings"] = result.warnings + report.warnings
+        print(report.table())
+        if report.curve is not None:
+            written += _write_curve(report.curve, out.parent, "sanity")
+    print(result.table())
+    if args.sanity:
+        for w in report.warnings:
+            print(f"warning: {w}")
+    if args.curve:
+        eps_values = (
+            [float(_eps(t)) for t in _csv(args.curve_eps)]
+            if args.curve_eps
+            else [f * threat.eps for f in (0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2)]
+        )
+        curve = robustness_curve(
+            model,
+            x,
+            y,
+            args.curve,
+            threat,
+            eps_values,
+            cfg.eval.batch_size,
+            seed,
+            context,
+            not args.quiet,
+        )
+        payload["curve"] = curve.to_dict()
+        written += _write_curve(curve, out.parent, "curve")
+    write_json(out, payload)
+    md, csv_path = out.with_suffix(".md"), out.with_suffix(".csv")
+    text = result.markdown()
+    if args.sanity:
+        text += (
+            "\n"
+            + "\n".join(
+                ["Sanity checks:", ""]
+                + [
+                    f"- {'ok' if c.passed else 'skipped' if c.passed is None else '**WARNING**'}: "
+                    f"{c.rule} ({c.detail})"
+                    for c in report.checks
+                ]
+            )
+            + "\n"
+        )
+    with atomic_write(md, "w") as fh:
+        fh.write(text)
+    with atomic_write(csv_path, "w") as fh:
+        fh.write(result.csv())
+    for path in [out, md, csv_path, *written]:
+        print(f"wrote {path}")
+    return 0
+
+
+def _write_curve(curve, folder: Path, prefix: str) -> list[Path]:
+    from jeat.utils import atomic_write
+
+    stem = folder / f"{prefix}-{curve.attack.split(':')[0]}-{curve.norm}"
+    with atomic_write(stem.with_suffix(".csv"), "w") as fh:
+        fh.write(curve.csv())
+    png = curve.plot(stem.with_suffix(".png"))
+    return [stem.with_suffix(".csv"), png]
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from jeat.evaluate import build_attack, parse_attack
+    from jeat.utils import atomic_write, save_image_grid
+
+    model, meta, cfg, data, n, threat, context = _eval_setup(args)
+    spec = parse_attack(args.attack)
+    if spec.kind == "clean":
+        raise JeatError("'clean' is not an attack; name one, e.g. --attack pgd20")
+    context.seed = args.seed
+    built = build_attack(spec, threat, context)
+    x, y = data.x_test[:n].to(context.device), data.y_test[:n].to(context.device)
+    x_adv = x
+    for _name, attack, _category in built.stages:  # composite attacks: their own cascade
+        with torch.no_grad():
+            alive = model(x_adv).argmax(1) == y
+        idx = alive.nonzero().squeeze(1)
+        if len(idx):
+            gen = torch.Generator(device=x.device).manual_seed(args.seed)
+            x_adv = x_adv.clone()
+            x_adv[idx] = attack(model, x[idx], y[idx], generator=gen)
+    with torch.no_grad():
+        clean_pred = model(x).argmax(1)
+        adv_pred = model(x_adv).argmax(1)
+    clean_acc = 100 * float((clean_pred == y).float().mean())
+    adv_acc = 100 * float(((adv_pred == y) & (clean_pred == y)).float().mean())
+    print(f"{spec.label} on {n} points: clean {clean_acc:.2f}%, under attack {adv_acc:.2f}%")
+    out = _out_base(args, f"adv-{spec.kind}.npz")
+    with atomic_write(out, "wb") as fh:
+        np.savez_compressed(
+            fh,
+            x=x.cpu().numpy(),
+            x_adv=x_adv.cpu().numpy(),
+            y=y.cpu().numpy(),
+            pred_clean=clean_pred.cpu().numpy(),
+            pred_adv=adv_pred.cpu().numpy(),
+            attack=np.array(spec.label),
+            dataset=np.array(meta["dataset"]),
+        )
+    k = min(16, n)
+    pairs = torch.stack([x[:k], x_adv[:k]], 1).flatten(0, 1).cpu()
+    png = save_image_grid(pairs, out.with_suffix(".png"), nrow=8)
+    print(f"wrote {out}\nwrote {png} (clean/adversarial pairs)")
+    return 0
+
+
+def cmd_attacks(args: argparse.Namespace) -> int:
+    from jeat.evaluate import list_attacks
+
+    for name, (desc, options) in list_attacks().items():
+        opts = ", ".join(f"{k}={v}" for k, v in options.items())
+        print(f"{name:<24}{desc}\n{'':<24}options: {opts}")
     return 0
 
 
@@ -189,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, help_ in (
         ("eval", cmd_eval, "robustness table of a trained model"),
+        ("attack", cmd_attack, "craft adversarial examples for a trained model"),
         ("generate", cmd_generate, "class-conditional samples from a trained model"),
     ):
         s = sub.add_parser(name, help=help_)
@@ -198,12 +360,35 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--data-dir")
         s.add_argument("--download", action="store_true")
         s.set_defaults(func=func)
-        if name == "eval":
-            s.add_argument("--attacks", help="comma list: clean,fgsm,pgd20,pgd100,cw30")
+        if name in ("eval", "attack"):
             s.add_argument("--norm", choices=["linf", "l2"])
             s.add_argument("--eps", type=_eps, help="budget in [0,1] pixel units, e.g. 8/255")
             s.add_argument("--n", type=int, help="test points (0: all)")
             s.add_argument("--batch-size", type=int, default=256)
+            s.add_argument("--seed", type=int, default=0)
+            s.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "attack":
+            s.add_argument("--attack", default="pgd20", help="one attack (see jeat attacks)")
+        elif name == "eval":
+            s.add_argument(
+                "--attacks",
+                help="comma list, options after colons: clean,fgsm,pgd20,cw,autoattack,"
+                "square,sgm:source=RUN,roa:size=3 (see jeat attacks)",
+            )
+            s.add_argument(
+                "--mode",
+                choices=["cascade", "independent"],
+                default="cascade",
+                help="cascade: later attacks only attack points still robust (default); "
+                "independent: every attack on every point",
+            )
+            s.add_argument("--sanity", action="store_true", help="run the gradient-masking checks")
+            s.add_argument("--sanity-attack", default="pgd20")
+            s.add_argument("--sanity-black-box", default="square:n_queries=1000")
+            s.add_argument("--sanity-transfer", help="e.g. sgm:source=runs/source")
+            s.add_argument("--tolerance", type=float, default=1.5, help="sanity slack in points")
+            s.add_argument("--curve", metavar="ATTACK", help="accuracy-vs-eps curve (PNG, CSV)")
+            s.add_argument("--curve-eps", help="comma list of budgets (default: 0..2x eps)")
         else:
             s.add_argument(
                 "--method",
@@ -231,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("datasets", cmd_datasets, "list datasets"),
         ("models", cmd_models, "list models"),
         ("objectives", cmd_objectives, "list training objectives"),
+        ("attacks", cmd_attacks, "list attacks and their options"),
     ):
         sub.add_parser(name, help=help_).set_defaults(func=func)
     c = sub.add_parser("config", help="print a resolved config")

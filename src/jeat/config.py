@@ -101,6 +101,9 @@ class ScheduleConfig:
 class EvalConfig:
     n: int | None = 1000  # test points (None: all)
     attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd20"])
+    # independent: every attack on every point (per-attack accuracy); cascade: the worst-case
+    # pass that only re-attacks points still robust (cheaper; `jeat eval`'s default)
+    mode: str = "independent"
     norm: str = "linf"
     eps: float | None = None  # None: the dataset's default budget
     epoch_n: int = 500  # test points for the per-epoch check
@@ -362,6 +365,11 @@ def validate_config(cfg: TrainConfig) -> None:
         ),
         (cfg.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0"),
         (cfg.generate.n_per_class >= 1, "generate.n_per_class must be >= 1"),
+        (
+            cfg.eval.mode in ("independent", "cascade"),
+            f"eval.mode must be independent or cascade, got '{cfg.eval.mode}'",
+        ),
+        (cfg.eval.eps is None or cfg.eval.eps >= 0, "eval.eps must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:

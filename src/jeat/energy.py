@@ -30,6 +30,7 @@ __all__ = [
     "log_p_y_given_x_from_logits",
     "cross_entropy_from_logits",
     "margin_from_logits",
+    "dlr_from_logits",
     "as_logits",
     "check_labels",
     "energy_model",
@@ -93,6 +94,31 @@ def margin_from_logits(logits: Tensor, y: Tensor, check: bool = True) -> Tensor:
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.masked_fill(nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf"))
     return others.max(dim=1).values - true
+
+
+def dlr_from_logits(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+    """Difference-of-logits-ratio loss (Croce & Hein 2020), one value per row, to *ascend*.
+
+    Untargeted: ``-(z_y - max_{k != y} z_k) / (z_(1) - z_(3))`` with ``z_(i)`` the i-th largest
+    logit; targeted toward ``t``: ``-(z_y - z_t) / (z_(1) - (z_(3) + z_(4)) / 2)``. The ratio is
+    invariant to shifting and scaling the logits, which is what makes it robust to models that
+    saturate the cross-entropy. Needs 3 classes (4 for the targeted form).
+    """
+    k = logits.shape[1]
+    need = 3 if target is None else 4
+    if k < need:
+        raise JeatError(
+            f"the DLR loss needs at least {need} classes"
+            f"{' for a targeted attack' if target is not None else ''}, the model has {k}"
+        )
+    z = logits.float()
+    srt = z.sort(dim=1, descending=True).values
+    true = z.gather(1, y[:, None]).squeeze(1)
+    if target is None:
+        others = z.masked_fill(nn.functional.one_hot(y, k).bool(), float("-inf"))
+        return -(true - others.max(dim=1).values) / (srt[:, 0] - srt[:, 2] + 1e-12)
+    tgt = z.gather(1, target[:, None]).squeeze(1)
+    return -(true - tgt) / (srt[:, 0] - 0.5 * (srt[:, 2] + srt[:, 3]) + 1e-12)
 
 
 def as_logits(output: Any) -> Tensor:

@@ -1,84 +1,452 @@
 """Robustness evaluation: accuracy under a list of attacks on the same test points.
 
-Attack names: ``clean``, ``fgsm``, ``pgdN`` (N-step PGD on the CE energy difference, step
-eps/4, random start) and ``cwN`` (N-step PGD on the Carlini-Wagner margin). Every attack runs
-on the same points; the ``worst-case`` row counts a point as robust only if it survives every
-attack in the list.
+Attacks are named in a small language shared by the API and the CLI::
+
+    clean, fgsm, pgd20, pgd100, cw (= cw30), dlr100, pgd20-t (targeted, 9 targets),
+    square, autoattack, transfer, sgm, roa
+
+with options after colons: ``pgd20:restarts=5``, ``autoattack:norm=l2:eps=0.5``,
+``sgm:source=runs/src:gamma=0.2``, ``roa:size=3:search=exhaustive``. Every attack takes
+``eps`` and ``norm`` to override the table's threat model; :func:`list_attacks` lists the rest.
+
+Two ways to fill the table, on the same points:
+
+* ``cascade`` (the default of ``jeat eval``): the worst-case pass of AutoAttack. Each attack
+  only attacks the points that are still robust after the previous ones, so the whole table
+  costs little more than its strongest attack. A row reports how many points it attacked, how
+  many of those it broke, and the robust accuracy after it. An attack's own accuracy is known
+  only when it attacked every clean-correct point (the first attack after ``clean``).
+* ``independent``: every attack runs on every clean-correct point; each row has its own
+  accuracy, and the worst case is the share of points that survive them all.
+
+Accuracy under attack follows RobustBench: a point counts as robust only if it is classified
+correctly when clean *and* after the attack. Composite attacks (AutoAttack) appear as one row
+per component. Every attack's output is checked against its threat model (distance and [0, 1]
+box), so a broken attack cannot report robustness it did not measure.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import math
 import re
 import time
-from dataclasses import asdict, dataclass
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from jeat.attacks import FGSM, PGD, ThreatModel, check_images, model_mode
-from jeat.energy import as_logits, check_labels
+from jeat.attacks import (
+    FGSM,
+    PGD,
+    MultiTargeted,
+    ThreatModel,
+    check_images,
+    logits_of,
+    make_threat,
+    model_mode,
+    model_width,
+)
+from jeat.energy import check_labels
 from jeat.errors import JeatError
 
-__all__ = ["AttackResult", "EvalResult", "parse_attack", "evaluate", "accuracy"]
+__all__ = [
+    "AttackSpec",
+    "BuiltAttack",
+    "EvalContext",
+    "AttackResult",
+    "EvalResult",
+    "parse_attacks",
+    "parse_attack",
+    "build_attack",
+    "list_attacks",
+    "evaluate",
+    "accuracy",
+    "CATEGORIES",
+]
+
+# What kind of evidence each attack gives; the sanity rules compare categories.
+CATEGORIES = ("clean", "white-box", "black-box", "transfer", "occlusion")
+
+
+@dataclass
+class AttackSpec:
+    """A parsed attack name: ``label`` as written, its ``kind``, step count and options."""
+
+    label: str
+    kind: str
+    steps: int | None = None
+    targeted: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BuiltAttack:
+    """An attack ready to run: one or more stages (AutoAttack has four), each with a category."""
+
+    spec: AttackSpec
+    threat: ThreatModel | None
+    stages: list[tuple[str, Callable[..., Tensor], str]]
+    warnings: list[str] = field(default_factory=list)
+    steps: int | None = None  # gradient steps (white-box PGD family), for the sanity rules
+    loss: str | None = None  # attack family for the steps rule: ce, cw, dlr, ce-targeted, ...
+
+
+@dataclass
+class EvalContext:
+    """What some attacks need beyond the threat model: a seed, and a loader for source models
+    of transfer attacks (``source=PATH``; default: :func:`jeat.train.load_trained`)."""
+
+    seed: int = 0
+    device: torch.device | str = "cpu"
+    num_classes: int | None = None
+    image_shape: tuple[int, ...] | None = None
+    load_model: Callable[[str], nn.Module] | None = None
+    sources: dict[str, nn.Module] = field(default_factory=dict)
+
+    def source(self, path: str) -> nn.Module:
+        if path not in self.sources:
+            if self.load_model is None:
+                from jeat.train import load_trained
+
+                model = load_trained(path, device="cpu")[0]
+            else:
+                model = self.load_model(path)
+            self.sources[path] = model.to(self.device).eval()
+        return self.sources[path]
+
+
+_NAME = re.compile(r"^(clean|fgsm|pgd|cw|dlr|square|autoattack|transfer|sgm|roa)(\d*)(-t)?$")
+_STEPPED = {"pgd": 20, "cw": 30, "dlr": 100}
+_COMMON = {"eps": None, "norm": None}
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "clean": {},
+    "fgsm": {"loss": "ce"},
+    "pgd": {"step_size": None, "restarts": 1, "random_start": True, "targets": 9},
+    "square": {"n_queries": 5000, "p_init": 0.8, "restarts": 1},
+    "autoattack": {"version": "standard", "n_queries": None, "components": None},
+    # the SGM paper's attack: 10 sign steps of eps/8 from the clean image, on the source
+    "transfer": {"source": None, "gamma": 1.0, "steps": 10, "step_size": None, "random_start": 0},
+    "roa": {
+        "size": None,
+        "height": None,
+        "width": None,
+        "search": "auto",
+        "stride": 1,
+        "candidates": 30,
+        "steps": 20,
+        "step_size": None,
+    },
+}
+_OPTIONS["cw"] = _OPTIONS["dlr"] = _OPTIONS["pgd"]
+_OPTIONS["sgm"] = {**_OPTIONS["transfer"], "gamma": 0.5}
+
+_DESCRIPTIONS = {
+    "clean": "no attack (clean accuracy)",
+    "fgsm": "fast gradient sign method, one step of size eps",
+    "pgdN": "N-step PGD on the cross-entropy E(x,y)-E(x), step eps/4, random start (N=20)",
+    "cwN": "N-step PGD on the Carlini-Wagner margin (N=30)",
+    "dlrN": "N-step PGD on the difference-of-logits-ratio loss (N=100)",
+    "pgdN-t / cwN-t / dlrN-t": "targeted versions, run toward the `targets` likeliest classes",
+    "square": "Square Attack, score-based black-box (reference implementation)",
+    "autoattack": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) via pyautoattack",
+    "transfer": "PGD crafted on a source model (source=RUN), evaluated on this one",
+    "sgm": "transfer with the Skip Gradient Method (residual gradients x gamma) on a ResNet source",
+    "roa": "rectangular occlusion attack: position search then PGD inside the rectangle",
+}
+
+
+def list_attacks() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Attack name -> (description, options with defaults)."""
+    kinds = {
+        "pgdN": "pgd",
+        "cwN": "cw",
+        "dlrN": "dlr",
+        "pgdN-t / cwN-t / dlrN-t": "pgd",
+    }
+    out = {}
+    for name, desc in _DESCRIPTIONS.items():
+        kind = kinds.get(name, name)
+        out[name] = (desc, {**_COMMON, **_OPTIONS[kind]})
+    return out
+
+
+def parse_attack(text: str) -> AttackSpec:
+    """Parse one attack, e.g. ``pgd20``, ``cw``, ``pgd20-t:targets=3``, ``roa:size=3``."""
+    from jeat.config import parse_value
+
+    if not isinstance(text, str) or not text.strip():
+        raise JeatError("empty attack name; use e.g. clean,fgsm,pgd20")
+    head, *opts = text.strip().split(":")
+    m = _NAME.match(head.strip().lower())
+    if not m:
+        raise JeatError(
+            f"unknown attack '{head}'; known: clean, fgsm, pgdN, cwN, dlrN (add -t for "
+            "targeted), square, autoattack, transfer, sgm, roa"
+        )
+    kind, digits, targeted = m.group(1), m.group(2), bool(m.group(3))
+    if (digits or targeted) and kind not in _STEPPED:
+        raise JeatError(f"attack '{head}' takes no step count or -t suffix")
+    steps = None
+    if kind in _STEPPED:
+        steps = int(digits) if digits else _STEPPED[kind]
+        if steps < 1:
+            raise JeatError(f"attack '{head}' needs at least 1 step")
+    allowed = {**_COMMON, **_OPTIONS[kind]}
+    options: dict[str, Any] = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise JeatError(f"attack option '{opt}' in '{text}' is not KEY=VALUE")
+        if key not in allowed:
+            accepted = ", ".join(sorted(allowed)) or "none"
+            raise JeatError(f"attack '{head}' has no option '{key}'; it takes {accepted}")
+        options[key] = value.strip() if key in ("source", "components") else parse_value(value)
+    return AttackSpec(text.strip(), kind, steps, targeted, options)
+
+
+def parse_attacks(attacks: str | list[str]) -> list[AttackSpec]:
+    """Parse a comma-separated string or a list of attack names."""
+    items = attacks.split(",") if isinstance(attacks, str) else list(attacks)
+    specs = [parse_attack(a) for a in items if str(a).strip()]
+    if not specs:
+        raise JeatError("give at least one attack (e.g. clean,fgsm,pgd20)")
+    return specs
+
+
+def _number(options: dict, key: str, label: str, low: float = 0.0, integer: bool = False):
+    value = options[key]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise JeatError(f"{label}: option {key} must be a number, got {value!r}")
+    if integer and int(value) != value:
+        raise JeatError(f"{label}: option {key} must be an integer, got {value}")
+    if value < low:
+        raise JeatError(f"{label}: option {key} must be >= {low:g}, got {value}")
+    return int(value) if integer else float(value)
+
+
+def _threat(spec: AttackSpec, default: ThreatModel) -> ThreatModel:
+    norm, eps = spec.options.get("norm"), spec.options.get("eps")
+    if norm is None and eps is None:
+        return default
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))):
+        raise JeatError(f"{spec.label}: option eps must be a number, got {eps!r}")
+    return make_threat(str(norm or default.norm), default.eps if eps is None else float(eps))
+
+
+def build_attack(spec: AttackSpec, threat: ThreatModel, context: EvalContext) -> BuiltAttack:
+    """Turn a parsed spec into runnable stages (validating every option)."""
+    o = {**_COMMON, **_OPTIONS[spec.kind], **spec.options}
+    label = spec.label
+    if spec.kind == "clean":
+        return BuiltAttack(spec, None, [("clean", _identity, "clean")])
+    th = _threat(spec, threat)
+    if spec.kind == "fgsm":
+        fgsm = FGSM(th, loss=str(o["loss"]))
+        return BuiltAttack(spec, th, [(label, fgsm, "white-box")], steps=1, loss=fgsm.loss)
+    if spec.kind in _STEPPED:
+        loss = "ce" if spec.kind == "pgd" else spec.kind
+        pgd = PGD(
+            th,
+            steps=spec.steps or 1,
+            step_size=_number(o, "step_size", label),
+            loss=loss,
+            random_start=bool(o["random_start"]),
+            restarts=_number(o, "restarts", label, 1, integer=True),
+        )
+        attack: Callable[..., Tensor] = pgd
+        if spec.targeted:
+            attack = MultiTargeted(pgd, _number(o, "targets", label, 1, integer=True))
+        family = f"{loss}-targeted" if spec.targeted else loss
+        return BuiltAttack(spec, th, [(label, attack, "white-box")], steps=spec.steps, loss=family)
+    if spec.kind == "square":
+        from jeat.attacks.external import Square
+
+        sq = Square(
+            th,
+            n_queries=_number(o, "n_queries", label, 1, integer=True),
+            p_init=_number(o, "p_init", label),
+            restarts=_number(o, "restarts", label, 1, integer=True),
+            seed=context.seed,
+        )
+        return BuiltAttack(spec, th, [(label, sq, "black-box")], warnings=sq.warnings)
+    if spec.kind == "autoattack":
+        from jeat.attacks.external import AutoAttack
+
+        comps = o["components"]
+        aa = AutoAttack(
+            th,
+            version=str(o["version"]),
+            seed=context.seed,
+            components=[c.strip() for c in comps.split("+")] if comps else None,
+            n_queries=_number(o, "n_queries", label, 1, integer=True),
+        )
+        stages = [
+            (f"{label}/{name}", stage, "black-box" if name == "square" else "white-box")
+            for name, stage in aa.stages()
+        ]
+        return BuiltAttack(spec, th, stages, warnings=aa.warnings)
+    if spec.kind in ("transfer", "sgm"):
+        from jeat.attacks.transfer import Transfer
+
+        if not o["source"]:
+            raise JeatError(
+                f"{label} needs a source model: train one (e.g. jeat train --config "
+                f"digits-source --out runs/source) and pass {spec.kind}:source=runs/source"
+            )
+        gamma = _number(o, "gamma", label)
+        source = context.source(str(o["source"]))
+        step_size = _number(o, "step_size", label)
+        crafted = PGD(
+            th,
+            steps=_number(o, "steps", label, 1, integer=True),
+            step_size=th.eps / 8 if step_size is None else step_size,
+            random_start=bool(o["random_start"]),
+        )
+        return BuiltAttack(spec, th, [(label, Transfer(source, crafted, gamma=gamma), "transfer")])
+    if spec.kind == "roa":
+        from jeat.attacks.occlusion import ROA
+
+        shape = context.image_shape or (32, 32)
+        side = _number(o, "size", label, 1, integer=True)
+        if side is None:  # 2x2 on 8x8 digits, 5x5 on 28x28 MNIST and 32x32 CIFAR (the paper's)
+            side = max(2, round(min(shape[-2:]) / 6))
+        height = _number(o, "height", label, 1, integer=True) or side
+        width = _number(o, "width", label, 1, integer=True) or side
+        stride = _number(o, "stride", label, 1, integer=True)
+        search = str(o["search"])
+        if search == "auto":  # exhaustive when affordable, else gradient-guided
+            positions = ((shape[-2] - height) // stride + 1) * ((shape[-1] - width) // stride + 1)
+            search = "exhaustive" if positions <= 256 else "gradient"
+        roa = ROA(
+            height,
+            width,
+            search=search,
+            stride=stride,
+            candidates=_number(o, "candidates", label, 1, integer=True),
+            steps=_number(o, "steps", label, 1, integer=True),
+            step_size=_number(o, "step_size", label),
+        )
+        return BuiltAttack(spec, None, [(label, roa, "occlusion")], steps=roa.steps)
+    raise JeatError(f"unknown attack kind '{spec.kind}'")  # pragma: no cover
+
+
+def _identity(model: nn.Module, x: Tensor, y: Tensor, **_: Any) -> Tensor:
+    return x
 
 
 @dataclass
 class AttackResult:
     attack: str
-    accuracy: float  # percent
-    correct: int
-    n: int
+    category: str
+    threat: str
+    n: int  # points in the table
+    attacked: int  # points this attack ran on
+    broken: int  # of those, how many it misclassified
+    accuracy: float | None  # percent of all n robust under this attack alone (None: unknown)
+    robust_after: float  # percent of all n robust under every row so far (the worst case)
     seconds: float
+    group: str = ""  # the attack as written (AutoAttack's components share one)
 
 
 @dataclass
 class EvalResult:
     threat: str
     eps: float
+    mode: str
     rows: list[AttackResult]
     robust_accuracy: float  # worst case over all attacks, percent
+    warnings: list[str] = field(default_factory=list)
+    robust: Tensor | None = field(default=None, repr=False)  # per point: survived everything
+
+    @property
+    def n(self) -> int:
+        return self.rows[0].n if self.rows else 0
+
+    def row(self, name: str) -> AttackResult:
+        for r in self.rows:
+            if r.attack == name:
+                return r
+        raise KeyError(name)
 
     def to_dict(self) -> dict:
         return {
-            "n": self.rows[0].n if self.rows else 0,
+            "n": self.n,
             "threat": self.threat,
             "eps": self.eps,
+            "mode": self.mode,
             "robust_accuracy": self.robust_accuracy,
             "attacks": [asdict(r) for r in self.rows],
+            "warnings": list(self.warnings),
         }
 
-    def table(self) -> str:
-        lines = [f"threat {self.threat}, eps {self.eps:.4g}", f"{'attack':<12}{'acc %':>8}{'s':>8}"]
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        head = ["attack", "threat", "attacked", "broken", "accuracy %", "robust after %", "s"]
+        body = []
         for r in self.rows:
-            lines.append(f"{r.attack:<12}{r.accuracy:>8.2f}{r.seconds:>8.2f}")
-        lines.append(f"{'worst-case':<12}{self.robust_accuracy:>8.2f}")
+            acc = "-" if r.accuracy is None else f"{r.accuracy:.2f}"
+            body.append(
+                [
+                    r.attack,
+                    r.threat,
+                    str(r.attacked),
+                    str(r.broken),
+                    acc,
+                    f"{r.robust_after:.2f}",
+                    f"{r.seconds:.1f}",
+                ]
+            )
+        body.append(["worst case", "", "", "", f"{self.robust_accuracy:.2f}", "", ""])
+        return head, body
+
+    def table(self) -> str:
+        head, body = self._cells()
+        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+
+        def fmt(row: list[str]) -> str:
+            cells = enumerate(zip(row, widths, strict=True))
+            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in cells)
+
+        lines = [f"{self.mode} evaluation on {self.n} points, threat {self.threat} {self.eps:.4g}"]
+        lines += [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
+    def markdown(self) -> str:
+        head, body = self._cells()
+        lines = [
+            f"{self.mode.capitalize()} evaluation on {self.n} points, threat "
+            f"{self.threat} ε = {self.eps:.4g}.",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join("---" for _ in head) + "|",
+            *("| " + " | ".join(row) + " |" for row in body),
+        ]
+        if self.warnings:
+            lines += ["", "**Sanity warnings** (possible gradient masking):", ""]
+            lines += [f"- {w}" for w in self.warnings]
+        return "\n".join(lines) + "\n"
 
-_PATTERN = re.compile(r"^(clean|fgsm|pgd|cw)(\d*)$")
-
-
-def parse_attack(name: str, threat: ThreatModel) -> PGD | None:
-    """An attack object from its name (``None`` for ``clean``)."""
-    m = _PATTERN.match(name.strip().lower())
-    if not m:
-        raise JeatError(f"unknown attack '{name}'; use clean, fgsm, pgdN (e.g. pgd20) or cwN")
-    kind, steps = m.group(1), m.group(2)
-    if kind in ("clean", "fgsm") and steps:
-        raise JeatError(f"attack '{name}' takes no step count")
-    if kind == "clean":
-        return None
-    if kind == "fgsm":
-        return FGSM(threat)
-    n = int(steps) if steps else (20 if kind == "pgd" else 30)
-    if n < 1:
-        raise JeatError(f"attack '{name}' needs at least 1 step")
-    return PGD(threat, steps=n, step_size=threat.eps / 4, loss="ce" if kind == "pgd" else "cw")
+    def csv(self) -> str:
+        buf = io.StringIO()
+        fields = list(AttackResult.__dataclass_fields__)
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for r in self.rows:
+            writer.writerow(asdict(r))
+        return buf.getvalue()
 
 
 @torch.no_grad()
 def _predict(model: nn.Module, x: Tensor) -> Tensor:
-    return as_logits(model(x)).argmax(1)
+    return logits_of(model, x).argmax(1)
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
@@ -92,44 +460,158 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> f
     return 100.0 * correct / max(1, len(x))
 
 
+def _stage_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _check_output(name: str, threat: ThreatModel | None, x_adv: Tensor, x: Tensor) -> None:
+    if x_adv.shape != x.shape:
+        raise JeatError(f"attack {name} returned shape {tuple(x_adv.shape)} for {tuple(x.shape)}")
+    if not torch.isfinite(x_adv).all() or x_adv.min() < -1e-5 or x_adv.max() > 1 + 1e-5:
+        raise JeatError(f"attack {name} returned inputs outside the [0, 1] box")
+    if threat is not None:
+        worst = float(threat.distance(x_adv, x).max()) if len(x) else 0.0
+        if worst > threat.eps * (1 + 1e-4) + 1e-5:
+            raise JeatError(
+                f"attack {name} left its threat model: distance {worst:.5g} > eps {threat.eps:.5g}"
+            )
+
+
+def _run_stage(
+    model: nn.Module,
+    name: str,
+    attack: Callable[..., Tensor],
+    threat: ThreatModel | None,
+    x: Tensor,
+    y: Tensor,
+    idx: Tensor,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+) -> Tensor:
+    """Attack the points ``idx``; return which of them stay correctly classified."""
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator(device=device).manual_seed(_stage_seed(seed, name))
+    ok = torch.zeros(len(idx), dtype=torch.bool)
+    bar = tqdm(total=len(idx), desc=name, unit="pt", leave=False, disable=not progress)
+    with bar:
+        for i in range(0, len(idx), batch_size):
+            sel = idx[i : i + batch_size]
+            xb, yb = x[sel].to(device), y[sel].to(device)
+            with model_mode(model, True):
+                x_adv = attack(model, xb, yb, generator=generator, check=False)
+                _check_output(name, threat, x_adv, xb)
+                ok[i : i + batch_size] = (_predict(model, x_adv) == yb).cpu()
+            bar.update(len(sel))
+    return ok
+
+
 def evaluate(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    attacks: list[str],
+    attacks: str | list[str],
     threat: ThreatModel,
     batch_size: int = 256,
     seed: int = 0,
+    mode: str = "cascade",
+    num_classes: int | None = None,
+    context: EvalContext | None = None,
+    progress: bool = False,
+    sanity_tolerance: float = 1.5,
 ) -> EvalResult:
-    """Accuracy of ``model`` under each named attack on the same points, and the worst case."""
+    """Robust accuracy of ``model`` under each attack on the same points, and the worst case.
+
+    ``mode`` is ``cascade`` (attack only the points still robust) or ``independent`` (every
+    attack on every clean-correct point); see the module docstring. ``num_classes`` checks the
+    width of the model's logits. The model runs in eval mode (its modes are restored), under
+    ``torch.no_grad`` except inside gradient attacks. The result's ``warnings`` hold the sanity
+    rules that this table can check (see :mod:`jeat.sanity`) and the reference AutoAttack's
+    own warnings.
+    """
+    from jeat.sanity import table_warnings
+
+    if mode not in ("cascade", "independent"):
+        raise JeatError(f"unknown evaluation mode '{mode}'; use cascade or independent")
     check_images(x, "test images")
-    if not attacks:
-        raise JeatError("give at least one attack (e.g. clean,fgsm,pgd20)")
-    parsed = [(name, parse_attack(name, threat)) for name in attacks]
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise JeatError(f"batch size must be an integer >= 1, got {batch_size}")
+    specs = parse_attacks(attacks)
     device = next(model.parameters()).device
-    with torch.no_grad(), model_mode(model, True):
-        width = as_logits(model(x[:1].to(device))).shape[1]
-    check_labels(y, int(width), len(x))
-    generator = torch.Generator(device=device).manual_seed(seed)
-    robust = torch.ones(len(x), dtype=torch.bool)
-    rows = []
-    for name, attack in parsed:
-        start = time.perf_counter()
-        ok = torch.zeros(len(x), dtype=torch.bool)
-        with model_mode(model, True):
-            for i in range(0, len(x), batch_size):
-                xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-                if attack is not None:
-                    xb = attack(model, xb, yb, generator=generator, check=False)
-                ok[i : i + batch_size] = (_predict(model, xb) == yb).cpu()
-        robust &= ok
-        rows.append(
-            AttackResult(
-                name,
-                100.0 * float(ok.float().mean()),
-                int(ok.sum()),
-                len(x),
-                time.perf_counter() - start,
-            )
+    with model_mode(model, True):
+        width = model_width(model, x[:1].to(device), num_classes) if len(x) else 0
+    y = check_labels(y, width or 1, len(x))
+    ctx = context or EvalContext()
+    ctx.seed, ctx.device = seed, device
+    ctx.num_classes = ctx.num_classes or width
+    ctx.image_shape = ctx.image_shape or tuple(x.shape[1:])
+    built = [build_attack(s, threat, ctx) for s in specs if s.kind != "clean"]
+
+    n = len(x)
+    start = time.perf_counter()
+    all_idx = torch.arange(n)
+    clean_ok = _run_stage(
+        model, "clean", _identity, None, x, y, all_idx, batch_size, seed, device, False
+    )
+    rows = [
+        AttackResult(
+            "clean",
+            "clean",
+            "-",
+            n,
+            n,
+            int((~clean_ok).sum()),
+            _pct(clean_ok.sum(), n),
+            _pct(clean_ok.sum(), n),
+            time.perf_counter() - start,
+            "clean",
         )
-    return EvalResult(threat.norm, threat.eps, rows, 100.0 * float(robust.float().mean()))
+    ]
+    robust = clean_ok.clone()
+    for b in built:
+        threat_text = b.threat.describe() if b.threat is not None else _describe_stage(b)
+        group_ok = clean_ok.clone()
+        # a row's own accuracy is known when its group attacked every clean-correct point
+        own_known = mode == "independent" or bool(torch.equal(robust, clean_ok))
+        for name, attack, category in b.stages:
+            base = robust if mode == "cascade" else group_ok
+            idx = base.nonzero().squeeze(1)
+            t0 = time.perf_counter()
+            ok = _run_stage(
+                model, name, attack, b.threat, x, y, idx, batch_size, seed, device, progress
+            )
+            secs = time.perf_counter() - t0
+            if mode == "cascade":
+                robust[idx[~ok]] = False
+            group_ok[idx[~ok]] = False
+            if mode == "independent":
+                robust &= group_ok
+            rows.append(
+                AttackResult(
+                    name,
+                    category,
+                    threat_text,
+                    n,
+                    len(idx),
+                    int((~ok).sum()),
+                    _pct(group_ok.sum(), n) if own_known else None,
+                    _pct(robust.sum(), n),
+                    secs,
+                    b.spec.label,
+                )
+            )
+    result = EvalResult(threat.norm, threat.eps, mode, rows, _pct(robust.sum(), n), robust=robust)
+    result.warnings = table_warnings(result, built, sanity_tolerance)
+    return result
+
+
+def _describe_stage(b: BuiltAttack) -> str:
+    attack = b.stages[0][1]
+    h, w = getattr(attack, "height", None), getattr(attack, "width", None)
+    return f"patch {h}x{w}" if h is not None else "-"
+
+
+def _pct(count: Tensor | int, n: int) -> float:
+    return 100.0 * float(count) / max(1, n)

@@ -46,7 +46,7 @@ from jeat.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from jeat.config import TrainConfig, config_from_dict, config_to_dict, validate_config
 from jeat.data import DatasetInfo, ImageDataset, augment_batch, dataset_info, load_dataset
 from jeat.errors import JeatError
-from jeat.evaluate import EvalResult, evaluate
+from jeat.evaluate import EvalContext, EvalResult, evaluate
 from jeat.models import create_model
 from jeat.objectives import Objective, create_objective
 from jeat.samplers import generate
@@ -62,6 +62,7 @@ __all__ = [
     "lr_factor",
     "generate_samples",
     "final_evaluation",
+    "eval_threat",
 ]
 
 # Config keys that may change when a run is resumed (everything else must match).
@@ -253,9 +254,10 @@ def _epoch_check(
         data.x_test[:n],
         data.y_test[:n],
         attacks,
-        _eval_threat(cfg, data.info),
+        eval_threat(cfg, data.info),
         batch_size=cfg.eval.batch_size,
         seed=derive_seed(cfg.seed, epoch, 7),
+        mode="independent",
     )
     out = {"test_clean_acc": res.rows[0].accuracy}
     if len(res.rows) > 1:
@@ -263,7 +265,7 @@ def _epoch_check(
     return out
 
 
-def _eval_threat(cfg: TrainConfig, info: DatasetInfo):
+def eval_threat(cfg: TrainConfig, info: DatasetInfo):
     norm = cfg.eval.norm.lower()
     eps = cfg.eval.eps
     if eps is None:
@@ -272,18 +274,28 @@ def _eval_threat(cfg: TrainConfig, info: DatasetInfo):
 
 
 def final_evaluation(
-    cfg: TrainConfig, model: nn.Module, data: ImageDataset, attacks: list[str] | None = None
+    cfg: TrainConfig,
+    model: nn.Module,
+    data: ImageDataset,
+    attacks: list[str] | None = None,
+    mode: str | None = None,
+    context: EvalContext | None = None,
+    progress: bool = False,
 ) -> EvalResult:
-    """The end-of-run robustness table on the first ``eval.n`` test points."""
+    """The robustness table on the first ``eval.n`` test points (``eval.mode`` unless given)."""
     n = len(data.x_test) if cfg.eval.n is None else min(cfg.eval.n, len(data.x_test))
     return evaluate(
         model,
         data.x_test[:n],
         data.y_test[:n],
         attacks or cfg.eval.attacks,
-        _eval_threat(cfg, data.info),
+        eval_threat(cfg, data.info),
         batch_size=cfg.eval.batch_size,
         seed=derive_seed(cfg.seed, 11),
+        mode=mode or cfg.eval.mode,
+        num_classes=data.info.num_classes,
+        context=context,
+        progress=progress,
     )
 
 

@@ -1,0 +1,217 @@
+"""Gradient attacks in a threat model: PGD (any loss, steps, restarts, targeted) and FGSM.
+
+An attack is a threat model plus a loss written through :mod:`jeat.energy` plus a number of
+steps::
+
+    attack = PGD(LinfBall(8 / 255), steps=20)
+    x_adv = attack(model, x, y)               # untargeted: ascend E(x', y) - E(x')
+    x_tgt = attack(model, x, y, target=t)     # targeted: descend E(x', t) - E(x')
+    x_any = MultiTargeted(attack, 9)(model, x, y)   # try the 9 likeliest wrong classes
+
+Attacks leave the model as they found it: the train/eval mode of every submodule is restored
+(by default the attack itself runs in eval mode), and parameter ``.grad`` fields are untouched
+(only input gradients are taken). Randomness comes from ``generator`` when one is given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from jeat.attacks.base import check_images, logits_of, model_mode, model_width
+from jeat.attacks.threats import ThreatModel
+from jeat.energy import check_labels, cross_entropy_from_logits, dlr_from_logits, margin_from_logits
+from jeat.errors import JeatError
+
+__all__ = ["PGD", "FGSM", "MultiTargeted", "LOSSES", "attack_loss"]
+
+
+def _ce(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
+    # untargeted: E(x', y) - E(x'); targeted: -(E(x', t) - E(x'))
+    if target is None:
+        return cross_entropy_from_logits(logits, y, check=False)
+    return -cross_entropy_from_logits(logits, target, check=False)
+
+
+def _cw(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
+    # Carlini-Wagner margin: max_{k != y} f_k - f_y; targeted: f_t - max_{k != t} f_k
+    if target is None:
+        return margin_from_logits(logits, y, check=False)
+    return -margin_from_logits(logits, target, check=False)
+
+
+def _dlr(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
+    return dlr_from_logits(logits, y, target)
+
+
+# Per-example losses to *ascend*, from logits, true labels and (targeted) target labels.
+LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor]] = {
+    "ce": _ce,
+    "cw": _cw,
+    "dlr": _dlr,
+}
+
+
+def attack_loss(name: str) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    if name not in LOSSES:
+        raise JeatError(f"unknown attack loss '{name}'; choose one of {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+def _check_int(value: object, what: str, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise JeatError(f"{what} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise JeatError(f"{what} must be an integer >= {low}, got {value}")
+
+
+@dataclass
+class PGD:
+    """Projected gradient descent with random start (Madry et al. 2018).
+
+    ``step_size`` defaults to the threat's default (``eps / 4`` for the balls: the evaluation
+    protocol's PGD-20 setting); training configs usually pass ``2.5 * eps / steps``.
+    ``restarts > 1`` keeps, per example, the first restart that fools the model (or the last
+    one). With ``target`` given, the attack descends the loss of the target class instead of
+    ascending that of the true class.
+    """
+
+    threat: ThreatModel
+    steps: int = 20
+    step_size: float | None = None
+    loss: str = "ce"
+    random_start: bool = True
+    restarts: int = 1
+    eval_mode: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int(self.steps, "attack steps")
+        _check_int(self.restarts, "attack restarts")
+        attack_loss(self.loss)
+        if self.step_size is None:
+            self.step_size = self.threat.default_step_size
+        if not math.isfinite(self.step_size) or self.step_size < 0:
+            raise JeatError(f"attack step size must be >= 0, got {self.step_size}")
+
+    @property
+    def eps(self) -> float:
+        return self.threat.eps
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        check: bool = True,
+    ) -> Tensor:
+        """Return adversarial inputs for ``model`` at ``(x, y)`` (detached, same shape as x).
+
+        ``check=False`` skips the input validation (range and label checks read values on the
+        host); training loops that feed already-validated data pass it.
+        """
+        if check:
+            check_images(x)
+        loss_fn = attack_loss(self.loss)
+        x = x.detach()
+        with model_mode(model, self.eval_mode), torch.enable_grad():
+            if check:
+                width = model_width(model, x)
+                check_labels(y, width, x.shape[0])
+                if target is not None:
+                    check_labels(target, width, x.shape[0])
+            best = x.clone()
+            fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            for _ in range(self.restarts):
+                x_adv = self._run(model, x, y, target, loss_fn, generator)
+                if self.restarts == 1:
+                    return x_adv
+                with torch.no_grad():
+                    pred = logits_of(model, x_adv).argmax(1)
+                    now = pred == target if target is not None else pred != y
+                    take = ~fooled
+                    best[take] = x_adv[take]
+                    fooled |= now
+        return best
+
+    def _run(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
+        loss_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        threat = self.threat
+        x_adv = threat.random_init(x, generator) if self.random_start else x.clone()
+        for _ in range(self.steps):
+            x_adv.requires_grad_(True)
+            loss = loss_fn(logits_of(model, x_adv), y, target).sum()
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            with torch.no_grad():
+                x_adv = threat.project(threat.step(x_adv, grad, self.step_size), x)
+        return x_adv.detach()
+
+
+def FGSM(threat: ThreatModel, loss: str = "ce", eval_mode: bool = True) -> PGD:  # noqa: N802
+    """Fast gradient sign method (Goodfellow et al. 2015): one full-size step, no random start."""
+    return PGD(
+        threat, steps=1, step_size=threat.eps, loss=loss, random_start=False, eval_mode=eval_mode
+    )
+
+
+@dataclass
+class MultiTargeted:
+    """Run a targeted ``attack`` toward each of the ``n_targets`` likeliest wrong classes (by
+    the clean logits, as APGD-T does) and keep, per example, the first run that changes the
+    prediction away from the true class. This is the untargeted use of a targeted attack."""
+
+    attack: PGD
+    n_targets: int = 9
+
+    def __post_init__(self) -> None:
+        _check_int(self.n_targets, "number of target classes")
+
+    @property
+    def threat(self) -> ThreatModel:
+        return self.attack.threat
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator | None = None,
+        check: bool = True,
+    ) -> Tensor:
+        if check:
+            check_images(x)
+        x = x.detach()
+        with model_mode(model, self.attack.eval_mode), torch.no_grad():
+            logits = logits_of(model, x)
+            if check:
+                check_labels(y, logits.shape[1], x.shape[0])
+            ranked = logits.masked_fill(
+                nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf")
+            ).argsort(dim=1, descending=True)
+        n = min(self.n_targets, logits.shape[1] - 1)
+        best = x.clone()
+        open_ = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        for k in range(n):
+            idx = open_.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            x_adv = self.attack(
+                model, x[idx], y[idx], target=ranked[idx, k], generator=generator, check=False
+            )
+            with model_mode(model, self.attack.eval_mode), torch.no_grad():
+                broken = logits_of(model, x_adv).argmax(1) != y[idx]
+            best[idx] = x_adv
+            open_[idx[broken]] = False
+        return best
