@@ -59,8 +59,8 @@ def test_train_eval_generate_pipeline(tmp_path):
     assert (tmp_path / "e.md").read_text().count("| pgd5 ") == 1
     assert (tmp_path / "e.csv").read_text().splitlines()[0].startswith("attack,category")
     assert e["curve"]["eps"] == pytest.approx([0, 4 / 255, 8 / 255])
-    assert (tmp_path / "curve-pgd5-linf.png").exists()
-    assert (tmp_path / "curve-pgd5-linf.csv").read_text().startswith("eps,accuracy")
+    assert (tmp_path / "e-curve-pgd5-linf.png").exists()
+    assert (tmp_path / "e-curve-pgd5-linf.csv").read_text().startswith("eps,accuracy")
 
     r = jeat("attack", run, "--attack", "fgsm", "--n", "12", "--out", tmp_path / "adv.npz")
     assert r.returncode == 0, r.stderr

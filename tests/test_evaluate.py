@@ -139,26 +139,38 @@ def test_table_is_written_as_text_markdown_csv_and_json(digits, standard_model):
 def test_pgd_and_cw_agree_with_torchattacks(digits, pgdat_model):
     """Our PGD-20 and CW-30 robust accuracies are within 2 points of torchattacks' on the same
     points (torchattacks.PGD; UPGD with the margin loss and no momentum is PGD on the CW
-    margin)."""
+    margin). Both sides are averaged over three seeds: one random start moves either number by
+    up to ~1.5 points on 360 points, and ours also keeps each point's first successful iterate
+    (about half a point stronger)."""
     torchattacks = pytest.importorskip("torchattacks", reason="torchattacks is a dev dependency")
     x, y = digits.x_test, digits.y_test
     eps = digits.info.eps_linf
-    ours = evaluate(pgdat_model, x, y, ["pgd20", "cw"], LinfBall(eps), mode="independent")
+    seeds = (0, 1, 2)
+    ours = {"pgd20": [], "cw": []}
+    for seed in seeds:
+        res = evaluate(pgdat_model, x, y, ["pgd20", "cw"], LinfBall(eps), seed=seed,
+                       mode="independent")  # fmt: skip
+        for name in ours:
+            ours[name].append(res.row(name).accuracy)
     refs = {
         "pgd20": torchattacks.PGD(pgdat_model, eps=eps, alpha=eps / 4, steps=20,
                                   random_start=True),
         "cw": torchattacks.UPGD(pgdat_model, eps=eps, alpha=eps / 4, steps=30,
                                 random_start=True, loss="margin", decay=0.0),
     }  # fmt: skip
-    torch.manual_seed(0)
+    with torch.no_grad():
+        clean_ok = pgdat_model(x).argmax(1) == y
     for name, ref_attack in refs.items():
-        x_ref = ref_attack(x, y)
-        with torch.no_grad():
-            clean_ok = pgdat_model(x).argmax(1) == y
-            ref = 100.0 * float(((pgdat_model(x_ref).argmax(1) == y) & clean_ok).float().mean())
-        mine = ours.row(name).accuracy
-        print(f"\n{name}: jeat {mine:.2f}%, torchattacks {ref:.2f}%")
-        assert abs(mine - ref) <= 2.0
+        ref = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            x_ref = ref_attack(x, y)
+            with torch.no_grad():
+                ok = (pgdat_model(x_ref).argmax(1) == y) & clean_ok
+            ref.append(100.0 * float(ok.float().mean()))
+        mine, theirs = sum(ours[name]) / 3, sum(ref) / 3
+        print(f"\n{name}: jeat {mine:.2f}% (seeds {ours[name]}), torchattacks {theirs:.2f}%")
+        assert abs(mine - theirs) <= 2.0
 
 
 def test_autoattack_is_never_weaker_than_our_pgd20(digits, pgdat_model):
@@ -225,3 +237,15 @@ def test_robustness_curve_is_monotone_for_pgdat_and_plots(tmp_path, digits, pgda
     assert curve.csv().splitlines()[0] == "eps,accuracy" and len(curve.csv().splitlines()) == 5
     with pytest.raises(JeatError, match="budget"):
         robustness_curve(pgdat_model, x, y, "roa", LinfBall(EPS), [0.1])
+
+
+def test_autoattack_l2_and_square_respect_their_threat_models(digits, pgdat_model):
+    x, y = digits.x_test[:24], digits.y_test[:24]
+    res = evaluate(pgdat_model, x, y,
+                   ["autoattack:norm=l2:eps=1.0:components=apgd-ce+apgd-t",
+                    "square:norm=l2:eps=1.0:n_queries=100"], LinfBall(EPS),
+                   mode="independent")  # fmt: skip
+    print("\n" + res.table())
+    assert [r.threat for r in res.rows[1:]] == ["l2 1"] * 3
+    # every output passed the evaluator's distance check; the L2 attack breaks some points
+    assert res.rows[2].accuracy < res.rows[0].accuracy

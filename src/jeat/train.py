@@ -281,8 +281,10 @@ def final_evaluation(
     mode: str | None = None,
     context: EvalContext | None = None,
     progress: bool = False,
+    seed: int | None = None,
 ) -> EvalResult:
-    """The robustness table on the first ``eval.n`` test points (``eval.mode`` unless given)."""
+    """The robustness table on the first ``eval.n`` test points (``eval.mode`` unless given;
+    attack seeds from the run's seed unless ``seed`` is given)."""
     n = len(data.x_test) if cfg.eval.n is None else min(cfg.eval.n, len(data.x_test))
     return evaluate(
         model,
@@ -291,7 +293,7 @@ def final_evaluation(
         attacks or cfg.eval.attacks,
         eval_threat(cfg, data.info),
         batch_size=cfg.eval.batch_size,
-        seed=derive_seed(cfg.seed, 11),
+        seed=derive_seed(cfg.seed, 11) if seed is None else seed,
         mode=mode or cfg.eval.mode,
         num_classes=data.info.num_classes,
         context=context,

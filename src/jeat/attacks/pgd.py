@@ -78,6 +78,12 @@ class PGD:
     ``restarts > 1`` keeps, per example, the first restart that fools the model (or the last
     one). With ``target`` given, the attack descends the loss of the target class instead of
     ascending that of the true class.
+
+    ``keep_success=True`` (what evaluation uses) returns, per example, the first iterate that
+    fools the model instead of the last one: fixed-size signed steps oscillate, and a last
+    iterate can be correctly classified again after an earlier one was not, which would make
+    more steps look weaker. It costs no extra forward pass (the logits of every iterate are
+    computed for its gradient anyway). Training keeps the last iterate, as Madry et al. do.
     """
 
     threat: ThreatModel
@@ -87,6 +93,7 @@ class PGD:
     random_start: bool = True
     restarts: int = 1
     eval_mode: bool = True
+    keep_success: bool = False
 
     def __post_init__(self) -> None:
         _check_int(self.steps, "attack steps")
@@ -150,13 +157,36 @@ class PGD:
     ) -> Tensor:
         threat = self.threat
         x_adv = threat.random_init(x, generator) if self.random_start else x.clone()
+        keep = self.keep_success
+        if keep:
+            found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            best = x.clone()
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
-            loss = loss_fn(logits_of(model, x_adv), y, target).sum()
+            logits = logits_of(model, x_adv)
+            loss = loss_fn(logits, y, target).sum()
             (grad,) = torch.autograd.grad(loss, x_adv)
             with torch.no_grad():
+                if keep:
+                    self._record(logits, y, target, x_adv, found, best)
                 x_adv = threat.project(threat.step(x_adv, grad, self.step_size), x)
-        return x_adv.detach()
+        x_adv = x_adv.detach()
+        if not keep:
+            return x_adv
+        with torch.no_grad():
+            self._record(logits_of(model, x_adv), y, target, x_adv, found, best)
+            return torch.where(found.view(-1, *([1] * (x.dim() - 1))), best, x_adv)
+
+    @staticmethod
+    def _record(
+        logits: Tensor, y: Tensor, target: Tensor | None, x_adv: Tensor, found: Tensor, best: Tensor
+    ) -> None:
+        """Store the iterates that fool the model for the first time."""
+        pred = logits.argmax(1)
+        now = (pred == target if target is not None else pred != y) & ~found
+        if now.any():
+            best[now] = x_adv.detach()[now]
+            found |= now
 
 
 def FGSM(threat: ThreatModel, loss: str = "ce", eval_mode: bool = True) -> PGD:  # noqa: N802
