@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from jeat.attacks import (
+    BPDA,
     FGSM,
     PGD,
     MultiTargeted,
@@ -125,8 +126,9 @@ _STEPPED = {"pgd": 20, "cw": 30, "dlr": 100}
 _COMMON = {"eps": None, "norm": None}
 _OPTIONS: dict[str, dict[str, Any]] = {
     "clean": {},
-    "fgsm": {"loss": "ce"},
-    "pgd": {"step_size": None, "restarts": 1, "random_start": True, "targets": 9},
+    # bpda=1: differentiate k-WTA layers as ReLUs (the adaptive attack on k-WTA)
+    "fgsm": {"loss": "ce", "bpda": 0},
+    "pgd": {"step_size": None, "restarts": 1, "random_start": True, "targets": 9, "bpda": 0},
     "square": {"n_queries": 5000, "p_init": 0.8, "restarts": 1},
     "autoattack": {"version": "standard", "n_queries": None, "components": None},
     # the SGM paper's attack: 10 sign steps of eps/8 from the clean image, on the source
@@ -255,7 +257,9 @@ def build_attack(spec: AttackSpec, threat: ThreatModel, context: EvalContext) ->
     th = _threat(spec, threat)
     if spec.kind == "fgsm":
         fgsm = FGSM(th, loss=str(o["loss"]))
-        return BuiltAttack(spec, th, [(label, fgsm, "white-box")], steps=1, loss=fgsm.loss)
+        family = f"{fgsm.loss}-bpda" if o["bpda"] else fgsm.loss
+        stage = BPDA(fgsm) if o["bpda"] else fgsm
+        return BuiltAttack(spec, th, [(label, stage, "white-box")], steps=1, loss=family)
     if spec.kind in _STEPPED:
         loss = "ce" if spec.kind == "pgd" else spec.kind
         pgd = PGD(
@@ -270,7 +274,10 @@ def build_attack(spec: AttackSpec, threat: ThreatModel, context: EvalContext) ->
         attack: Callable[..., Tensor] = pgd
         if spec.targeted:
             attack = MultiTargeted(pgd, _number(o, "targets", label, 1, integer=True))
+        if o["bpda"]:
+            attack = BPDA(attack)
         family = f"{loss}-targeted" if spec.targeted else loss
+        family += "-bpda" if o["bpda"] else ""
         return BuiltAttack(spec, th, [(label, attack, "white-box")], steps=spec.steps, loss=family)
     if spec.kind == "square":
         from jeat.attacks.external import Square

@@ -8,7 +8,8 @@ which WRM-style objectives want.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,16 @@ from torch import Tensor, nn
 
 from jeat.errors import JeatError
 
-__all__ = ["Normalize", "ModelInfo", "register_model", "create_model", "list_models", "model_info"]
+__all__ = [
+    "Normalize",
+    "KWTA",
+    "bpda",
+    "ModelInfo",
+    "register_model",
+    "create_model",
+    "list_models",
+    "model_info",
+]
 
 
 class Normalize(nn.Module):
@@ -44,9 +54,62 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+class KWTA(nn.Module):
+    """k-winners-take-all (Xiao et al., ICLR 2020): per example, keep the ``ratio`` fraction of
+    the layer's largest activations (over channels and positions) and zero the rest.
+
+    Proposed as a defence, it mostly *masks* gradients: the active set jumps under small input
+    changes, so the loss surface is piecewise and gradient attacks stall (Tramèr et al. 2020).
+    Under :func:`bpda` its backward pass is replaced by ReLU's (BPDA, Athalye et al. 2018) while
+    the forward pass stays k-WTA: the adaptive attack that breaks it.
+    """
+
+    def __init__(self, ratio: float = 0.1) -> None:
+        super().__init__()
+        if not 0 < ratio <= 1:
+            raise JeatError(f"k-WTA ratio must be in (0, 1], got {ratio}")
+        self.ratio = float(ratio)
+        self.bpda = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.flatten(1)
+        k = max(1, int(round(self.ratio * flat.shape[1])))
+        threshold = flat.topk(k, dim=1).values[:, -1:]
+        out = (flat * (flat >= threshold)).view_as(x)
+        if self.bpda:  # forward: k-WTA; backward: ReLU's gradient
+            relu = torch.relu(x)
+            return relu + (out - relu).detach()
+        return out
+
+    def extra_repr(self) -> str:
+        return f"ratio={self.ratio:g}"
+
+
+@contextmanager
+def bpda(model: nn.Module) -> Iterator[None]:
+    """Differentiate every :class:`KWTA` layer of ``model`` as a ReLU inside the block (the
+    forward pass is unchanged); restores the layers afterwards."""
+    layers = [m for m in model.modules() if isinstance(m, KWTA)]
+    old = [m.bpda for m in layers]
+    for m in layers:
+        m.bpda = True
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, old, strict=True):
+            m.bpda = flag
+
+
 def _activation(name: str) -> nn.Module:
+    if name == "kwta" or name.startswith("kwta-"):
+        ratio = name[5:] or "0.1"
+        try:
+            return KWTA(float(ratio))
+        except ValueError:
+            raise JeatError(f"k-WTA activation needs a ratio like kwta-0.1, got '{name}'") from None
     if name not in _ACTIVATIONS:
-        raise JeatError(f"unknown activation '{name}'; choose one of {', '.join(_ACTIVATIONS)}")
+        known = ", ".join([*_ACTIVATIONS, "kwta-RATIO"])
+        raise JeatError(f"unknown activation '{name}'; choose one of {known}")
     return _ACTIVATIONS[name]()
 
 

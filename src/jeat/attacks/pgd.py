@@ -27,7 +27,7 @@ from jeat.attacks.threats import ThreatModel
 from jeat.energy import check_labels, cross_entropy_from_logits, dlr_from_logits, margin_from_logits
 from jeat.errors import JeatError
 
-__all__ = ["PGD", "FGSM", "MultiTargeted", "LOSSES", "attack_loss"]
+__all__ = ["PGD", "FGSM", "MultiTargeted", "BPDA", "LOSSES", "attack_loss"]
 
 
 def _ce(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
@@ -245,3 +245,30 @@ class MultiTargeted:
             best[idx] = x_adv
             open_[idx[broken]] = False
         return best
+
+
+@dataclass
+class BPDA:
+    """Run ``attack`` with every k-WTA layer differentiated as a ReLU (Backward Pass
+    Differentiable Approximation, Athalye et al. 2018): the adaptive attack for k-WTA's
+    masked gradients. The model's forward pass, and so the attack's success test, is unchanged.
+    """
+
+    attack: PGD | MultiTargeted
+
+    @property
+    def threat(self) -> ThreatModel:
+        return self.attack.threat
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator | None = None,
+        check: bool = True,
+    ) -> Tensor:
+        from jeat.models import bpda
+
+        with bpda(model):
+            return self.attack(model, x, y, generator=generator, check=check)
