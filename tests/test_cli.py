@@ -137,6 +137,9 @@ def test_listings():
         (["eval", "RUN", "--attacks", "pgd5:eps=-1"], "eps must be"),
         (["eval", "RUN", "--attacks", "sgm"], "needs a source model"),
         (["attack", "RUN", "--attack", "clean"], "not an attack"),
+        (["certify", "RUN"], "name a certificate"),
+        (["certify", "RUN", "--wrm"], "was not trained with wrm"),
+        (["certify", "RUN", "--wrm", "--gamma", "2", "--rho", "0"], "rho must be numbers > 0"),
     ],
 )
 def test_errors_are_one_line_exit_2_and_leave_no_files(tmp_path, tiny_run, args, message):
@@ -168,3 +171,14 @@ def test_diverged_fresh_run_exits_2_and_leaves_no_files(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("jeat: error: training diverged at")
     assert not out.exists()
+
+
+def test_certify_writes_the_bound_and_the_attacks(tmp_path, tiny_run):
+    out = tmp_path / "c.json"
+    r = jeat("certify", tiny_run, "--wrm", "--gamma", "2", "--n", "20", "--rho", "0.5,1",
+             "--out", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["rho"] == [0.5, 1.0] and data["gamma"] == 2.0 and data["n"] == 20
+    assert len(data["attacks"]) == 2 + 5 and "violations" in data
+    assert (tmp_path / "c.png").exists()

@@ -103,3 +103,59 @@ def test_kwta_fools_naive_pgd_but_not_adaptive_attacks_or_the_sanity_rules(tmp_p
     naive_table = evaluate(model, x, y, ["clean", "pgd20", "square:n_queries=500"], threat)
     print(naive_table.table())
     assert any("square" in w and "gradient masking" in w for w in naive_table.warnings)
+
+
+@pytest.fixture(scope="module")
+def wrm_model(tmp_path_factory, digits):
+    from conftest import FAST
+
+    from jeat.train import train
+
+    cfg = load_config("digits-wrm", FAST)
+    return train(cfg, tmp_path_factory.mktemp("wrm") / "run", data=digits).model
+
+
+def test_wrm_is_more_robust_than_standard(digits, standard_model, wrm_model):
+    """WRM defends a Wasserstein (L2 transport) ball: under L2 PGD-20 it keeps far more than
+    the standard model, and under the digits L-inf budget it is still above it."""
+    x, y = digits.x_test, digits.y_test
+    attacks = ["clean", "pgd20:norm=l2:eps=0.5", "pgd20"]
+    res = {
+        name: evaluate(m, x, y, attacks, LinfBall(digits.info.eps_linf), mode="independent")
+        for name, m in (("standard", standard_model), ("wrm", wrm_model))
+    }
+    acc = {n: [r.accuracy for r in t.rows] for n, t in res.items()}
+    print("\nclean / PGD-20 L2 0.5 / PGD-20 Linf 0.2:", acc)
+    assert acc["wrm"][1] >= acc["standard"][1] + 15
+    assert acc["wrm"][2] > acc["standard"][2]
+    assert acc["wrm"][0] >= acc["standard"][0] - 5
+
+
+def test_wrm_certificate_bounds_every_attack(tmp_path, digits, wrm_model):
+    from jeat.certify import wrm_certificate
+
+    x, y = digits.x_test[:120], digits.y_test[:120]
+    cert = wrm_certificate(wrm_model, x, y, 2.0, [0.1, 0.5, 1.0, 2.0], steps=60, attack_steps=30)
+    print("\n" + cert.table())
+    assert cert.violations == []
+    assert len(cert.attacks) == 4 + 5
+    assert all(a.loss > cert.clean_loss for a in cert.attacks if a.transport > 0.05)
+    # the Lagrangian attack at the certificate's own gamma is its maximiser: the bound is tight
+    (own,) = [a for a in cert.attacks if a.attack == "lagrangian γ'=2"]
+    assert own.loss == pytest.approx(own.bound, rel=1e-4)
+    assert cert.plot(tmp_path / "cert.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(JeatError, match="rho must be numbers > 0"):
+        wrm_certificate(wrm_model, x, y, 2.0, [0.0])
+
+
+def test_wrm_warns_about_relu_models_and_checks_its_options():
+    info = load_dataset("digits").info
+    cfg = load_config("digits-wrm", ["objective.options.steps=2"])
+    obj = create_objective(cfg.objective, info)
+    relu = create_model("small_cnn", in_channels=1, num_classes=10, width=4)
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8)
+    with pytest.warns(UserWarning, match="smooth model"):
+        obj(relu, x, y)
+    cfg.objective.options["gamma"] = 0
+    with pytest.raises(JeatError, match="gamma must be a number > 0"):
+        create_objective(cfg.objective, info)

@@ -12,6 +12,7 @@ objectives register with ``@register_objective("name")`` and plug into the same 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,8 @@ __all__ = [
     "JEM",
     "JEAT",
     "TRADES",
+    "WRM",
+    "wrm_ascent",
     "kl_divergence_from_logits",
     "register_objective",
     "create_objective",
@@ -245,6 +248,75 @@ class TRADES(_AdversarialMixin, Objective):
         kl = kl_divergence_from_logits(logits, logits_adv).mean()
         metrics["kl"] = kl.detach()
         return ObjectiveOutput(ce + self.opts["beta"] * kl, logits.detach(), y, metrics)
+
+
+def wrm_ascent(
+    model: nn.Module, x: Tensor, y: Tensor, gamma: float, steps: int, eval_mode: bool = True
+) -> Tensor:
+    """WRM's inner maximisation (Sinha, Namkoong & Duchi 2018): gradient ascent on the
+    Lagrangian ``CE(f(x'), y) - gamma * ||x' - x||^2`` from ``x``, with the authors' schedule
+    (the objective scaled by ``1 / (2 gamma)``, step ``1 / sqrt(t + 1)``), kept in [0, 1].
+
+    For a smooth loss and ``gamma`` above its smoothness constant the problem is strongly
+    concave, so the ascent finds the global maximiser: what both WRM training and its
+    certificate (:mod:`jeat.certify`) need.
+    """
+    x = x.detach()
+    x_adv = x.clone()
+    with model_mode(model, eval_mode), torch.enable_grad():
+        for t in range(steps):
+            x_adv.requires_grad_(True)
+            ce = cross_entropy_from_logits(as_logits(model(x_adv)), y, check=False).sum()
+            (grad,) = torch.autograd.grad(ce, x_adv)
+            with torch.no_grad():
+                ascent = grad / (2 * gamma) - (x_adv - x)
+                x_adv = (x_adv + ascent / (t + 1) ** 0.5).clamp_(0.0, 1.0)
+    return x_adv.detach()
+
+
+_NON_SMOOTH = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU)
+
+
+@register_objective("wrm")
+class WRM(Objective):
+    """WRM (Sinha, Namkoong & Duchi, ICLR 2018): distributionally robust training over a
+    Wasserstein ball, ``min_theta E[ max_x' CE(x', y) - gamma ||x' - x||^2 ]``, solved with
+    :func:`wrm_ascent` (``steps`` ascent steps, ``gamma`` the Lagrange multiplier). Needs a
+    smooth model (``activation: elu`` or ``softplus``) for the inner problem to be concave and
+    for its certificate to hold; a model with ReLU-type activations gets a warning.
+    """
+
+    description = "WRM: CE at the maximiser of CE(x') - gamma ||x' - x||^2 (Wasserstein DRO)"
+    options = {"gamma": 2.0, "steps": 15, "attack_mode": "eval"}
+
+    def __init__(self, cfg: ObjectiveConfig, info: DatasetInfo) -> None:
+        super().__init__(cfg, info)
+        gamma, steps = self.opts["gamma"], self.opts["steps"]
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+            raise JeatError(f"objective option gamma must be a number > 0, got {gamma!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise JeatError(f"objective option steps must be an integer >= 1, got {steps!r}")
+        if self.opts["attack_mode"] not in ("eval", "train"):
+            raise JeatError("objective option attack_mode must be 'eval' or 'train'")
+        self._warned = False
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
+        if not self._warned:
+            self._warned = True
+            if any(isinstance(m, _NON_SMOOTH) for m in model.modules()):
+                warnings.warn(
+                    "WRM wants a smooth model (activation: elu or softplus): with ReLU-type "
+                    "activations its inner problem is not concave and its certificate may not "
+                    "hold",
+                    stacklevel=2,
+                )
+        o = self.opts
+        x_adv = wrm_ascent(model, x, y, float(o["gamma"]), int(o["steps"]),
+                           o["attack_mode"] == "eval")  # fmt: skip
+        logits = as_logits(model(x_adv))
+        loss, metrics = _classification(logits, y)
+        metrics["transport"] = (x_adv - x).flatten(1).pow(2).sum(1).mean().detach()
+        return ObjectiveOutput(loss, logits.detach(), y, metrics)
 
 
 # JEM's published sampler settings (Grathwohl et al. 2020), converted from inputs in [-1, 1]
