@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shutil
 import statistics
 import sys
 import time
@@ -36,18 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from common import ROOT, generation_scores, machine, reference_scores, train_judge, train_or_reuse
 
 from jeat.attacks import LinfBall
-from jeat.config import GenerateConfig, TrainConfig, load_config
+from jeat.config import TrainConfig, load_config
 from jeat.data import ImageDataset, load_dataset
 from jeat.evaluate import evaluate
-from jeat.metrics import judge_scores
 from jeat.objectives import create_objective
-from jeat.samplers import generate, sample_seeds
-from jeat.train import build_model, load_trained, make_optimizer, train
-from jeat.utils import save_image_grid
-
-ROOT = Path(__file__).resolve().parents[1]
+from jeat.train import build_model, make_optimizer
 
 
 @dataclass
@@ -95,20 +89,6 @@ def _cfg(spec: DatasetSpec, objective: str, args: argparse.Namespace, extra=()) 
             *extra,
         ],
     )
-
-
-def _train(cfg: TrainConfig, folder: Path, data: ImageDataset) -> tuple[torch.nn.Module, float]:
-    """Train (or reuse / resume) a run; returns the model and its mean seconds per epoch."""
-    if (folder / "model.pt").exists():
-        print(f"  reusing {folder}", flush=True)
-    else:
-        resume = (folder / "checkpoints" / "last.pt").exists()
-        if folder.exists() and not resume:
-            shutil.rmtree(folder)  # our own run, killed before its first checkpoint
-        train(cfg, folder, resume=resume, data=data)
-    model, _, _ = load_trained(folder)
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return model, statistics.mean(r["epoch_seconds"] for r in rows)
 
 
 def step_costs(
@@ -160,9 +140,8 @@ def run_dataset(name: str, args: argparse.Namespace, out: Path) -> dict:
         ],
     )
     judge_dir = work / ("judge" if judge_epochs == args.epochs else f"judge-e{judge_epochs}")
-    judge, _ = _train(judge_cfg, judge_dir, data)
-    judge_acc = evaluate(judge, data.x_test, data.y_test, ["clean"], LinfBall(0.0)).rows[0]
-    print(f"  judge: small_cnn width {2 * args.width}, test accuracy {judge_acc.accuracy:.2f}%")
+    judge, judge_accuracy = train_judge(judge_cfg, judge_dir, data)
+    print(f"  judge: small_cnn width {2 * args.width}, test accuracy {judge_accuracy:.2f}%")
 
     # 2. the models
     variants: dict[str, tuple[str, list[str]]] = {o: (o, []) for o in OBJECTIVES}
@@ -174,12 +153,11 @@ def run_dataset(name: str, args: argparse.Namespace, out: Path) -> dict:
     k = info.num_classes
     per = args.per_class
     gen_seed = args.seed + 7
-    real = data.x_test
     for label, (objective, extra) in variants.items():
         cfg = _cfg(spec, objective, args, extra)
         eps = cfg.eval.eps if cfg.eval.eps is not None else info.eps_linf
         print(f"-- {label}", flush=True)
-        model, epoch_s = _train(cfg, work / label, data)
+        model, epoch_s = train_or_reuse(cfg, work / label, data)
         table = evaluate(model, data.x_test, data.y_test, ["clean", "pgd20"], LinfBall(eps))
         row = {
             "model": label,
@@ -190,16 +168,16 @@ def run_dataset(name: str, args: argparse.Namespace, out: Path) -> dict:
             "seconds_per_epoch": epoch_s,
         }
         for method in ("descent", "sgld"):
-            g = GenerateConfig(
-                method=method, steps=args.gen_steps, seed_resolution=spec.seed_resolution
-            )
-            images, labels = generate(model, data, g, n_per_class=per, seed=gen_seed)
-            s = judge_scores(judge, images, real, labels)
-            row[method] = s.to_dict()
-            save_image_grid(
-                images.view(k, per, *info.shape)[:, : min(per, 10)].reshape(-1, *info.shape),
-                out / f"samples-{label}-{method}.png",
-                nrow=min(per, 10),
+            row[method] = generation_scores(
+                model,
+                data,
+                judge,
+                method=method,
+                steps=args.gen_steps,
+                per_class=per,
+                seed=gen_seed,
+                seed_resolution=spec.seed_resolution,
+                grid=out / f"samples-{label}-{method}.png",
             )
         rows.append(row)
         print(
@@ -209,16 +187,7 @@ def run_dataset(name: str, args: argparse.Namespace, out: Path) -> dict:
         )
 
     # 3. references: the seeds the samplers start from, and real training images
-    gen = torch.Generator().manual_seed(gen_seed)
-    labels = torch.arange(k).repeat_interleave(per)
-    seed_imgs = sample_seeds("class", data, labels, gen, max_side=spec.seed_resolution)
-    pick = torch.randperm(len(data.x_train), generator=gen)[: k * per]
-    references = {
-        "class-Gaussian seeds (no model)": judge_scores(judge, seed_imgs, real, labels).to_dict(),
-        "real training images": judge_scores(
-            judge, data.x_train[pick], real, data.y_train[pick]
-        ).to_dict(),
-    }
+    references = reference_scores(data, judge, per, gen_seed, spec.seed_resolution)
 
     # 4. cost of one step, side by side in this process
     cost_cfgs = {
@@ -242,7 +211,7 @@ def run_dataset(name: str, args: argparse.Namespace, out: Path) -> dict:
         "judge": {
             "width": 2 * args.width,
             "epochs": judge_epochs,
-            "test_accuracy": judge_acc.accuracy,
+            "test_accuracy": judge_accuracy,
         },
         "samples_per_model": k * per,
         "generation_steps": args.gen_steps,
@@ -343,9 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Command: `python benchmarks/compare_objectives.py " + " ".join(sys.argv[1:]) + "`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-        f"total {(time.time() - started) / 60:.1f} min.",
+        f"Machine: {machine()}; total {(time.time() - started) / 60:.1f} min.",
         "",
     ]
     body = "\n".join(markdown(r) for r in results)

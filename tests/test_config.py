@@ -67,3 +67,28 @@ def test_every_dataset_has_all_four_objectives_and_bases_merge(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(JeatError, match="cycle"):
         load_config(str(tmp_path / "loop.yaml"))
+
+
+def test_every_dataset_has_each_defence_config_and_it_builds():
+    from jeat.data import dataset_info
+    from jeat.objectives import create_objective
+    from jeat.train import build_model
+
+    for ds in ("digits", "mnist", "cifar10"):
+        info = dataset_info(ds)
+        base = load_config(f"{ds}-pgdat")
+        for suffix, objective in [("trades", "trades"), ("wrm", "wrm"), ("kwta", "pgd-at"),
+                                  ("doa", "doa")]:  # fmt: skip
+            cfg = load_config(f"{ds}-{suffix}")
+            assert cfg.objective.name == objective and cfg.data.name == ds
+            # one budget: the defence changes only what defines it
+            assert (cfg.epochs, cfg.batch_size, cfg.optim) == (
+                base.epochs,
+                base.batch_size,
+                base.optim,
+            )
+            create_objective(cfg.objective, info)
+            model = build_model(cfg, info)
+            acts = {type(m).__name__ for m in model.modules()}
+            expected = {"wrm": "ELU", "kwta": "KWTA"}.get(suffix, "ReLU")
+            assert expected in acts, (ds, suffix, acts)

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from jeat import JeatError
 from jeat.attacks import LinfBall
 from jeat.config import load_config
-from jeat.data import load_dataset
+from jeat.data import dataset_info, load_dataset
 from jeat.evaluate import evaluate
 from jeat.models import create_model
 from jeat.objectives import create_objective, kl_divergence_from_logits
@@ -159,3 +159,51 @@ def test_wrm_warns_about_relu_models_and_checks_its_options():
     cfg.objective.options["gamma"] = 0
     with pytest.raises(JeatError, match="gamma must be a number > 0"):
         create_objective(cfg.objective, info)
+
+
+def test_doa_options_and_its_attack_stays_inside_one_rectangle():
+    from jeat.attacks.occlusion import Occlusion
+
+    cfg = load_config("digits-doa", ["objective.options.steps=3"])
+    info = load_dataset("digits").info
+    obj = create_objective(cfg.objective, info)
+    assert (obj.attack.height, obj.attack.width, obj.attack.search) == (2, 2, "exhaustive")
+    torch.manual_seed(0)
+    model = create_model("small_cnn", in_channels=1, num_classes=10, width=8)
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    x_adv = obj.attack(model, x, y)
+    rows, cols = obj.attack.locate(model, x, y)
+    threat = Occlusion(2, 2).placed(rows, cols, x.shape)
+    assert (threat.distance(x_adv, x) <= 1.0).all()  # changed only inside one 2x2 rectangle
+    assert ((x_adv != x).flatten(1).sum(1) <= 4).all()
+    out = obj(model, x, y)
+    assert out.loss.requires_grad and set(out.metrics) >= {"ce", "energy"}
+    big = load_config("cifar10-doa").objective
+    cifar = create_objective(big, dataset_info("cifar10"))
+    assert (cifar.attack.height, cifar.attack.search) == (5, "gradient")
+    for bad, match in (
+        ({"size": 9}, "larger than the 8x8 images"),
+        ({"size": 0}, "size must be an integer >= 1"),
+        ({"search": "random"}, "unknown occlusion search"),
+        ({"attack_mode": "both"}, "attack_mode"),
+        ({"rectangle": 2}, "does not take option"),
+    ):
+        cfg = load_config("digits-doa")
+        cfg.objective.options.update(bad)
+        with pytest.raises(JeatError, match=match):
+            create_objective(cfg.objective, info)
+
+
+def test_doa_resists_occlusion_better_than_pgd_at(tmp_path, digits, pgdat_model):
+    fast = ["objective.options.steps=5", "objective.options.step_size=0.2"]
+    doa = train_digits(tmp_path, "doa", epochs=8, extra=fast)
+    x, y = digits.x_test, digits.y_test
+    attacks = ["clean", "roa", "pgd20"]
+    threat = LinfBall(digits.info.eps_linf)
+    res = {
+        name: [r.accuracy for r in evaluate(m, x, y, attacks, threat, mode="independent").rows]
+        for name, m in (("doa", doa), ("pgd-at", pgdat_model))
+    }
+    print("\nclean / ROA 2x2 / PGD-20:", res)
+    assert res["doa"][1] >= res["pgd-at"][1] + 20  # measured: about 45 points
+    assert res["doa"][0] >= 80

@@ -325,19 +325,16 @@ def build_attack(spec: AttackSpec, threat: ThreatModel, context: EvalContext) ->
         )
         return BuiltAttack(spec, th, [(label, Transfer(source, crafted, gamma=gamma), "transfer")])
     if spec.kind == "roa":
-        from jeat.attacks.occlusion import ROA
+        from jeat.attacks.occlusion import ROA, auto_search, default_side
 
         shape = context.image_shape or (32, 32)
-        side = _number(o, "size", label, 1, integer=True)
-        if side is None:  # 2x2 on 8x8 digits, 5x5 on 28x28 MNIST and 32x32 CIFAR (the paper's)
-            side = max(2, round(min(shape[-2:]) / 6))
+        side = _number(o, "size", label, 1, integer=True) or default_side(shape)
         height = _number(o, "height", label, 1, integer=True) or side
         width = _number(o, "width", label, 1, integer=True) or side
         stride = _number(o, "stride", label, 1, integer=True)
         search = str(o["search"])
         if search == "auto":  # exhaustive when affordable, else gradient-guided
-            positions = ((shape[-2] - height) // stride + 1) * ((shape[-1] - width) // stride + 1)
-            search = "exhaustive" if positions <= 256 else "gradient"
+            search = auto_search(shape, height, width, stride)
         roa = ROA(
             height,
             width,

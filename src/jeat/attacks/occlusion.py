@@ -53,7 +53,7 @@ from jeat.attacks.threats import ThreatModel
 from jeat.energy import check_labels, margin_from_logits
 from jeat.errors import JeatError
 
-__all__ = ["Occlusion", "ROA", "SEARCHES", "rectangle_mask"]
+__all__ = ["Occlusion", "ROA", "SEARCHES", "rectangle_mask", "default_side", "auto_search"]
 
 SEARCHES = ("gradient", "exhaustive")
 
@@ -66,6 +66,21 @@ def _check_int(value: object, what: str, low: int = 1) -> int:
     if value < low:
         raise JeatError(f"{what} must be an integer >= {low}, got {value}")
     return int(value)
+
+
+def default_side(image_size: Sequence[int]) -> int:
+    """The default square rectangle for images whose shape ends in ``(H, W)``: about a sixth
+    of the shorter side, at least 2 (2x2 on 8x8 digits, 5x5 on 28x28 MNIST and on 32x32
+    CIFAR-10, the paper's CIFAR-10 size)."""
+    return max(2, round(min(int(image_size[-2]), int(image_size[-1])) / 6))
+
+
+def auto_search(image_size: Sequence[int], height: int, width: int, stride: int = 1) -> str:
+    """``"exhaustive"`` when the grid has at most 256 positions (every position costs one
+    forward pass per image), else ``"gradient"``."""
+    big_h, big_w = int(image_size[-2]), int(image_size[-1])
+    positions = ((big_h - height) // stride + 1) * ((big_w - width) // stride + 1)
+    return "exhaustive" if positions <= 256 else "gradient"
 
 
 def rectangle_mask(
