@@ -72,14 +72,9 @@ class WRMCertificate:
 
     def plot(self, path: str | Path) -> Path:
         """The certified bound against the attacks' losses, as a PNG (atomically)."""
-        import matplotlib
+        from jeat.utils import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from jeat.utils import atomic_write
-
-        fig, ax = plt.subplots(figsize=(4.8, 3.4), dpi=120)
+        fig, ax = pyplot().subplots(figsize=(4.8, 3.4), dpi=120)
         ax.plot(self.rho, self.bound, label=f"certificate (γ={self.gamma:g})")
         for kind, marker in (("pgd-l2", "o"), ("lagrangian", "s")):
             pts = [a for a in self.attacks if a.attack.startswith(kind)]
@@ -91,11 +86,7 @@ class WRMCertificate:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = Path(path)
-        with atomic_write(path, "wb") as fh:
-            fig.savefig(fh, format="png")
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def _batches(x: Tensor, y: Tensor, batch_size: int, device: torch.device):

@@ -146,14 +146,9 @@ class Curve:
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """Write the curve as a PNG (atomically)."""
-        import matplotlib
+        from jeat.utils import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from jeat.utils import atomic_write
-
-        fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+        fig, ax = pyplot().subplots(figsize=(4.5, 3.2), dpi=120)
         ax.plot(self.eps, self.accuracy, marker="o")
         ax.set_xlabel(f"eps ({self.norm})")
         ax.set_ylabel("robust accuracy (%)")
@@ -161,11 +156,7 @@ class Curve:
         ax.grid(alpha=0.3)
         ax.set_title(title or f"{self.attack} on {self.n} points", fontsize=10)
         fig.tight_layout()
-        path = Path(path)
-        with atomic_write(path, "wb") as fh:
-            fig.savefig(fh, format="png")
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def robustness_curve(

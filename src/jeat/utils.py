@@ -23,6 +23,8 @@ __all__ = [
     "derive_seed",
     "resolve_device",
     "save_image_grid",
+    "pyplot",
+    "save_figure",
 ]
 
 
@@ -108,3 +110,28 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int, min_side
     arr = image_grid(images, nrow=nrow, scale=scale, pad=max(1, scale // 2))
     img = Image.fromarray(arr)
     return atomic_save(path, lambda fh: img.save(fh, format="PNG"))
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure to ``path`` atomically, then close it (even on error).
+
+    The format follows the suffix (``.png``, ``.pdf``, ``.svg``; PNG when there is none).
+    """
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    try:
+        with atomic_write(path, "wb") as fh:
+            fig.savefig(fh, format=fmt)
+    finally:
+        pyplot().close(fig)
+    return path
