@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,15 @@ from jeat.data import load_dataset
 from jeat.train import train
 
 # Small budgets that keep each model to a few seconds on a 2-core CPU.
-FAST = ["progress=false", "final_eval=false", "final_samples=false", "eval.epoch_n=0"]
+FAST = [
+    "progress=false",
+    "final_eval=false",
+    "final_samples=false",
+    "final_analysis=false",
+    "final_scores=false",
+    "final_report=false",
+    "eval.epoch_n=0",
+]
 
 
 def train_digits(root: Path, objective: str, epochs: int = 12, seed: int = 0, extra=()):
@@ -22,16 +31,47 @@ def train_digits(root: Path, objective: str, epochs: int = 12, seed: int = 0, ex
     return train(cfg, root / f"{objective}-s{seed}-w", data=load_dataset("digits")).model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def judge_cache(tmp_path_factory):
+    """Judges trained by tests (and their subprocesses) go to a temporary cache, never to the
+    user's ``~/.cache/jeat/judges``."""
+    folder = tmp_path_factory.mktemp("judges")
+    old = os.environ.get("JEAT_JUDGE_DIR")
+    os.environ["JEAT_JUDGE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("JEAT_JUDGE_DIR", None)
+    else:
+        os.environ["JEAT_JUDGE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def digits():
     return load_dataset("digits")
 
 
 @pytest.fixture(scope="session")
-def standard_model(tmp_path_factory):
-    return train_digits(tmp_path_factory.mktemp("runs"), "standard")
+def runs_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
 
 
 @pytest.fixture(scope="session")
-def pgdat_model(tmp_path_factory):
-    return train_digits(tmp_path_factory.mktemp("runs"), "pgd-at")
+def standard_model(runs_dir):
+    return train_digits(runs_dir, "standard")
+
+
+@pytest.fixture(scope="session")
+def pgdat_model(runs_dir):
+    return train_digits(runs_dir, "pgd-at")
+
+
+@pytest.fixture(scope="session")
+def standard_run(runs_dir, standard_model):
+    """The run folder of ``standard_model``."""
+    return runs_dir / "standard-s0-w"
+
+
+@pytest.fixture(scope="session")
+def pgdat_run(runs_dir, pgdat_model):
+    """The run folder of ``pgdat_model``."""
+    return runs_dir / "pgd-at-s0-w"

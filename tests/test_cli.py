@@ -12,6 +12,8 @@ QUICK = [
     "--set", "model.options.width=8", "--set", "objective.attack.steps=3", "--epochs", "2",
     "--set", "data.train_subset=300", "--set", "eval.n=100", "--set", "eval.epoch_n=50",
     "--set", "generate.steps=10", "--set", "generate.n_per_class=3", "--quiet",
+    "--set", "analysis.n=16", "--set", "analysis.grid=5", "--set", "analysis.score_per_class=5",
+    "--set", "analysis.judge_epochs=2", "--set", "eval.curve=pgd5",
 ]  # fmt: skip
 
 
@@ -35,9 +37,14 @@ def test_train_eval_generate_pipeline(tmp_path):
         "model.pt",
         "eval.json",
         "samples.png",
+        "curve-pgd5-linf.png",
+        "analysis/analysis.json",
+        "scores.json",
+        "report.html",
     ):
         assert (run / name).exists(), name
-        assert str(run / name) in r.stdout or name in ("config.yaml", "run.json", "metrics.jsonl")
+        quiet = ("config.yaml", "run.json", "metrics.jsonl", "analysis/analysis.json")
+        assert str(run / name) in r.stdout or name in quiet
     table = json.loads((run / "eval.json").read_text())
     assert [a["attack"] for a in table["attacks"]] == ["clean", "fgsm", "pgd20"]
     assert table["eps"] == pytest.approx(0.2) and table["n"] == 100
@@ -99,7 +106,8 @@ def test_train_eval_generate_pipeline(tmp_path):
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny") / "run"
     r = jeat("train", "--out", run, *QUICK, "--epochs", "1", "--set", "final_eval=false",
-             "--set", "final_samples=false")  # fmt: skip
+             "--set", "final_samples=false", "--set", "final_analysis=false",
+             "--set", "final_scores=false", "--set", "final_report=false")  # fmt: skip
     assert r.returncode == 0, r.stderr
     return run
 

@@ -100,7 +100,7 @@ def _out_base(args: argparse.Namespace, default_name: str) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from jeat.sanity import robustness_curve, sanity_checks
+    from jeat.sanity import CURVE_FACTORS, robustness_curve, sanity_checks, write_curve
     from jeat.train import final_evaluation
     from jeat.utils import atomic_write, derive_seed, write_json
 
@@ -131,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         payload["warnings"] = result.warnings + report.warnings
         print(report.table())
         if report.curve is not None:
-            written += _write_curve(report.curve, out, "sanity")
+            written += write_curve(report.curve, out, "sanity")
     print(result.table())
     if args.sanity:
         for w in report.warnings:
@@ -140,7 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         eps_values = (
             [float(_eps(t)) for t in _csv(args.curve_eps)]
             if args.curve_eps
-            else [f * threat.eps for f in (0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2)]
+            else [f * threat.eps for f in CURVE_FACTORS]
         )
         curve = robustness_curve(
             model,
@@ -155,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             not args.quiet,
         )
         payload["curve"] = curve.to_dict()
-        written += _write_curve(curve, out, "curve")
+        written += write_curve(curve, out, "curve")
     write_json(out, payload)
     md, csv_path = out.with_suffix(".md"), out.with_suffix(".csv")
     text = result.markdown()
@@ -179,19 +179,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for path in [out, md, csv_path, *written]:
         print(f"wrote {path}")
     return 0
-
-
-def _write_curve(curve, out: Path, kind: str) -> list[Path]:
-    """``curve-pgd20-linf.{csv,png}`` next to ``eval.json``; ``NAME-curve-...`` next to a
-    custom ``--out NAME.json``."""
-    from jeat.utils import atomic_write
-
-    prefix = "" if out.name == "eval.json" else f"{out.stem}-"
-    stem = out.parent / f"{prefix}{kind}-{curve.attack.split(':')[0]}-{curve.norm}"
-    with atomic_write(stem.with_suffix(".csv"), "w") as fh:
-        fh.write(curve.csv())
-    png = curve.plot(stem.with_suffix(".png"))
-    return [stem.with_suffix(".csv"), png]
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -240,6 +227,50 @@ def cmd_attack(args: argparse.Namespace) -> int:
     pairs = torch.stack([x[:k], x_adv[:k]], 1).flatten(0, 1).cpu()
     png = save_image_grid(pairs, out.with_suffix(".png"), nrow=8)
     print(f"wrote {out}\nwrote {png} (clean/adversarial pairs)")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from jeat.train import final_analysis, load_trained
+
+    runs: dict = {}
+    data = None
+    for run in args.runs:
+        model, meta, cfg = load_trained(run, device=args.device)
+        if data is None:
+            data = _run_data(cfg.data, args.data_dir, args.download)
+        elif tuple(meta["image_shape"]) != tuple(data.info.shape):
+            raise JeatError(
+                f"{run} was trained on {meta['dataset']}, whose images differ from "
+                f"{data.info.name}'s; analyse runs of one dataset together"
+            )
+        path = Path(run)
+        name = (path if path.is_dir() else path.parent).name or str(path)
+        while name in runs:
+            name += "'"
+        runs[name] = (model, cfg)
+    assert data is not None
+    first = Path(args.runs[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "analysis"
+    result = final_analysis(
+        runs,
+        data,
+        out,
+        n=args.n,
+        grid=args.grid,
+        samples_per_class=args.samples_per_class,
+        eps=args.eps,
+        seed=args.seed,
+    )
+    print(result.table())
+    print(f"wrote {out}/ ({', '.join(sorted(result.files))})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from jeat.report import write_report
+
+    print(f"wrote {write_report(args.run, args.out)}")
     return 0
 
 
@@ -524,6 +555,28 @@ def build_parser() -> argparse.ArgumentParser:
                 choices=["class", "pooled", "uniform"],
                 help="seed distribution (default: the run's config, 'class')",
             )
+
+    an = sub.add_parser("analyze", help="energy landscape of one or several runs, side by side")
+    an.add_argument("runs", nargs="+", help="run folders or checkpoints (same dataset)")
+    an.add_argument("--n", type=int, help="test images (default: the run's analysis.n, 64)")
+    an.add_argument("--eps", type=float, help="L-inf budget (default: the run's eval budget)")
+    an.add_argument("--grid", type=int, help="contour points per axis (default 21)")
+    an.add_argument(
+        "--samples-per-class",
+        type=int,
+        help="generated images per class in the histograms (0: none; default 4)",
+    )
+    an.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    an.add_argument("--out", help="output folder (default: FIRST_RUN/analysis)")
+    an.add_argument("--device", default="auto")
+    an.add_argument("--data-dir")
+    an.add_argument("--download", action="store_true")
+    an.set_defaults(func=cmd_analyze)
+
+    rep = sub.add_parser("report", help="one self-contained HTML page for a run")
+    rep.add_argument("run", help="run folder")
+    rep.add_argument("--out", help="HTML file (default: RUN/report.html)")
+    rep.set_defaults(func=cmd_report)
 
     cert = sub.add_parser("certify", help="certified bounds (WRM) against our attacks")
     cert.add_argument("run", help="run folder or checkpoint file")

@@ -109,6 +109,8 @@ class EvalConfig:
     epoch_n: int = 500  # test points for the per-epoch check
     epoch_steps: int = 10  # PGD steps for the per-epoch check (0: clean accuracy only)
     batch_size: int = 256
+    # the final evaluation's robustness curve: this attack at 0, 1/4, ..., 2 x eps (None: none)
+    curve: str | None = "pgd20"
 
 
 @dataclass
@@ -123,6 +125,17 @@ class GenerateConfig:
     seeds: str = "class"  # class: N(mu_y, S_y) per class | pooled: one Gaussian | uniform
     sgld_step_size: float = 0.25  # JEM's step 1 on [-1, 1] inputs
     sgld_noise: float = 0.005  # JEM's 0.01 on [-1, 1] inputs
+
+
+@dataclass
+class AnalysisConfig:
+    """The energy analysis and generation scores a finished run writes (``analysis/``)."""
+
+    n: int = 64  # test images for the energy contour, slices and flatness figures
+    grid: int = 21  # contour points per axis
+    samples_per_class: int = 4  # generated images per class in the energy histograms
+    score_per_class: int = 100  # generated images per class for judge-IS / judge-FID
+    judge_epochs: int | None = None  # epochs of the judge when none is cached (None: recipe)
 
 
 @dataclass
@@ -147,6 +160,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     epochs: int = 20
     batch_size: int = 128
     seed: int = 0
@@ -154,6 +168,11 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of each epoch only
     final_eval: bool = True  # evaluate the final model (eval.json)
     final_samples: bool = True  # write a class-conditional sample grid (samples.png)
+    final_analysis: bool = True  # energy landscape figures and numbers (analysis/)
+    final_scores: bool = True  # judge-IS / judge-FID of generated samples (scores.json)
+    final_report: bool = True  # one self-contained HTML page (report.html)
+    # RUN/tensorboard event files: None (auto) when tensorboard is installed, true: required
+    tensorboard: bool | None = None
     progress: bool = True
 
 
@@ -370,6 +389,10 @@ def validate_config(cfg: TrainConfig) -> None:
             f"eval.mode must be independent or cascade, got '{cfg.eval.mode}'",
         ),
         (cfg.eval.eps is None or cfg.eval.eps >= 0, "eval.eps must be >= 0"),
+        (cfg.analysis.n >= 1, "analysis.n must be >= 1"),
+        (cfg.analysis.grid >= 3, "analysis.grid must be >= 3"),
+        (cfg.analysis.samples_per_class >= 0, "analysis.samples_per_class must be >= 0"),
+        (cfg.analysis.score_per_class >= 2, "analysis.score_per_class must be >= 2"),
     ]
     for ok, msg in checks:
         if not ok:

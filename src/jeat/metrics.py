@@ -403,7 +403,8 @@ def judge_dir(dataset: str) -> Path:
 
 def judge_config(dataset: str, epochs: int | None = None, overrides: tuple[str, ...] = ()):
     """The judge's recipe: the dataset family's ``standard`` config with twice the width and
-    batch norm, its own seed (:data:`JUDGE_SEED`), no final evaluation or samples."""
+    batch norm, its own seed (:data:`JUDGE_SEED`), none of a run's final steps (evaluation,
+    samples, analysis, scores, report)."""
     from jeat.config import load_config
     from jeat.data import dataset_info
 
@@ -418,6 +419,9 @@ def judge_config(dataset: str, epochs: int | None = None, overrides: tuple[str, 
         "model.options.norm=batch",  # a judge need not be attackable: batch norm trains fast
         "final_eval=false",
         "final_samples=false",
+        "final_analysis=false",
+        "final_scores=false",
+        "final_report=false",
     ]
     if epochs is not None:
         sets.append(f"epochs={epochs}")

@@ -40,7 +40,12 @@ __all__ = [
     "table_warnings",
     "sanity_checks",
     "robustness_curve",
+    "write_curve",
+    "CURVE_FACTORS",
 ]
+
+# the default budgets of a robustness curve, as multiples of the threat model's eps
+CURVE_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 _MASKING = "a likely sign of gradient masking"
 
@@ -363,3 +368,17 @@ def sanity_checks(
         )
     )
     return SanityReport(checks, curve, tolerance)
+
+
+def write_curve(curve: Curve, out: str | Path, kind: str = "curve") -> list[Path]:
+    """``curve-pgd20-linf.{csv,png}`` next to the table ``out`` (``eval.json``), or
+    ``NAME-curve-...`` next to a table named ``NAME.json``; returns the two paths."""
+    from jeat.utils import atomic_write
+
+    out = Path(out)
+    prefix = "" if out.name == "eval.json" else f"{out.stem}-"
+    stem = out.parent / f"{prefix}{kind}-{curve.attack.split(':')[0]}-{curve.norm}"
+    with atomic_write(stem.with_suffix(".csv"), "w") as fh:
+        fh.write(curve.csv())
+    png = curve.plot(stem.with_suffix(".png"))
+    return [stem.with_suffix(".csv"), png]

@@ -8,8 +8,12 @@ A run lives in one folder::
     RUN/events.jsonl         divergences detected and recovered from (if any)
     RUN/checkpoints/last.pt  latest checkpoint (atomic; model, optimiser, objective state)
     RUN/model.pt             final weights + metadata (what eval/generate load)
-    RUN/eval.json            final robustness table
+    RUN/eval.json            final robustness table (+ eval.md, curve-pgd20-linf.{csv,png})
     RUN/samples.png          class-conditional samples, one row per class
+    RUN/analysis/            energy landscape: analysis.json and four PNGs (jeat.analysis)
+    RUN/scores.json          judge-IS / judge-FID of generated samples (jeat.metrics)
+    RUN/report.html          everything above on one self-contained page (jeat.report)
+    RUN/tensorboard/         TensorBoard event files, when tensorboard is installed
 
 Exact resume: all randomness is derived from ``(seed, epoch, step)`` (data order per epoch,
 augmentation and attack random starts per step), and the learning rate is a function of the
@@ -50,6 +54,7 @@ from jeat.evaluate import EvalContext, EvalResult, evaluate
 from jeat.models import create_model
 from jeat.objectives import Objective, create_objective
 from jeat.samplers import generate
+from jeat.sanity import CURVE_FACTORS, Curve, robustness_curve, write_curve
 from jeat.utils import atomic_write, derive_seed, resolve_device, save_image_grid, write_json
 
 __all__ = [
@@ -62,6 +67,8 @@ __all__ = [
     "lr_factor",
     "generate_samples",
     "final_evaluation",
+    "final_analysis",
+    "final_scores",
     "eval_threat",
 ]
 
@@ -72,6 +79,11 @@ _RESUMABLE_CHANGES = {
     "device",
     "final_eval",
     "final_samples",
+    "final_analysis",
+    "final_scores",
+    "final_report",
+    "tensorboard",
+    "analysis",
     "stability",
     "generate",
     "eval",
@@ -109,6 +121,22 @@ class RunPaths:
     @property
     def eval(self) -> Path:
         return self.root / "eval.json"
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis"
+
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
 
     @property
     def samples(self) -> Path:
@@ -320,6 +348,108 @@ def generate_samples(
     )
 
 
+def final_curve(cfg: TrainConfig, model: nn.Module, data: ImageDataset) -> Curve:
+    """Accuracy under ``eval.curve`` at :data:`jeat.sanity.CURVE_FACTORS` times the budget, on
+    the final evaluation's points."""
+    n = len(data.x_test) if cfg.eval.n is None else min(cfg.eval.n, len(data.x_test))
+    threat = eval_threat(cfg, data.info)
+    return robustness_curve(
+        model,
+        data.x_test[:n],
+        data.y_test[:n],
+        str(cfg.eval.curve),
+        threat,
+        [f * threat.eps for f in CURVE_FACTORS],
+        cfg.eval.batch_size,
+        derive_seed(cfg.seed, 11),
+    )
+
+
+def final_analysis(
+    runs: dict[str, tuple[nn.Module, TrainConfig]],
+    data: ImageDataset,
+    out_dir: str | Path | None,
+    n: int | None = None,
+    grid: int | None = None,
+    samples_per_class: int | None = None,
+    eps: float | None = None,
+    seed: int = 0,
+    plots: bool = True,
+):
+    """:func:`jeat.analysis.analyze` for trained runs ``{name: (model, config)}`` on the first
+    ``n`` test images (default ``analysis.n`` of the first run's config), with each model's
+    own samples (``analysis.samples_per_class`` per class, its ``generate`` settings) in the
+    histograms. ``eps`` (L-inf) defaults to the run's evaluation budget when that is L-inf,
+    else the dataset's L-inf budget."""
+    from jeat.analysis import analyze
+
+    if not runs:
+        raise JeatError("give at least one run to analyse")
+    first = next(iter(runs.values()))[1]
+    a = first.analysis
+    n = min(a.n if n is None else n, len(data.x_test))
+    if eps is None:
+        norm = first.eval.norm.lower()
+        eps = eval_threat(first, data.info).eps if norm == "linf" else data.info.eps_linf
+    per_class = a.samples_per_class if samples_per_class is None else samples_per_class
+    generated = None
+    if per_class > 0:
+        generated = {
+            name: generate_samples(model, data, cfg, n_per_class=per_class)[0]
+            for name, (model, cfg) in runs.items()
+        }
+    return analyze(
+        {name: model for name, (model, _) in runs.items()},
+        data.x_test[:n],
+        data.y_test[:n],
+        eps=float(eps),
+        out_dir=out_dir,
+        grid=a.grid if grid is None else grid,
+        generated=generated,
+        seed=seed,
+        plots=plots,
+    )
+
+
+def final_scores(
+    cfg: TrainConfig,
+    model: nn.Module,
+    data: ImageDataset,
+    out: str | Path | None = None,
+    judge: str | Path | None = None,
+):
+    """Judge-IS / judge-FID of ``analysis.score_per_class`` samples per class (the run's
+    ``generate`` settings) against the training images, with 10 IS splits. The judge is the
+    cached one of the dataset (trained and cached first when there is none) or the run at
+    ``judge``. Writes ``out`` (JSON) when given; returns the
+    :class:`jeat.metrics.GenerationScores`."""
+    from jeat.metrics import JudgeBackend, judge_dir, load_judge, score_samples, train_judge
+
+    name = data.info.name
+    folder = Path(judge) if judge is not None else judge_dir(name)
+    if judge is None and not (folder / "model.pt").exists():
+        print(f"no judge cached for {name}: training one into {folder} (once per dataset)")
+        train_judge(name, data=data, epochs=cfg.analysis.judge_epochs, progress=cfg.progress)
+    backend = JudgeBackend(load_judge(name, folder))
+    per_class = cfg.analysis.score_per_class
+    images, labels = generate_samples(model, data, cfg, n_per_class=per_class)
+    scores = score_samples(backend, images, data.x_train, labels, splits=10)
+    if out is not None:
+        write_json(
+            out,
+            {
+                "dataset": name,
+                "method": cfg.generate.method,
+                "conditional": cfg.generate.conditional,
+                "per_class": per_class,
+                "real": "train",
+                "judge_dir": str(folder),
+                "judge": scores.to_dict(),
+            },
+        )
+    return scores
+
+
 def _warm_start(model: nn.Module, cfg: TrainConfig, info: DatasetInfo) -> None:
     """Copy the weights of run/checkpoint ``cfg.model.init_from`` into ``model``."""
     source = Path(str(cfg.model.init_from))
@@ -339,8 +469,10 @@ def _warm_start(model: nn.Module, cfg: TrainConfig, info: DatasetInfo) -> None:
 
 def _prepare_run(
     cfg: TrainConfig, out: Path, resume: bool, data: ImageDataset | None
-) -> tuple[ImageDataset, nn.Module, Objective, dict | None]:
-    """Validate everything that can fail before any file is written."""
+) -> tuple[ImageDataset, ImageDataset, nn.Module, Objective, dict | None]:
+    """Validate everything that can fail before any file is written. Returns the training
+    data (``data.train_subset`` applied) and the full dataset, the model, the objective and the
+    checkpoint to resume from (or None)."""
     validate_config(cfg)
     info = dataset_info(cfg.data.name)
     torch.manual_seed(derive_seed(cfg.seed, 0, 0, 0))  # the initial weights depend on the seed
@@ -365,10 +497,11 @@ def _prepare_run(
         _warm_start(model, cfg, info)
     if data is None:
         data = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download)
+    full = data
     if cfg.data.train_subset is not None:
         m = cfg.data.train_subset
         data = ImageDataset(data.info, data.x_train[:m], data.y_train[:m], data.x_test, data.y_test)
-    return data, model, objective, payload
+    return data, full, model, objective, payload
 
 
 def train(
@@ -384,19 +517,23 @@ def train(
     it created are removed again, so a corrected re-run can use the same folder.
     """
     out = Path(out)
-    data, model, objective, payload = _prepare_run(cfg, out, resume, data)
+    data, full, model, objective, payload = _prepare_run(cfg, out, resume, data)
     existed = out.exists()
     loop = _Loop(cfg, RunPaths(out), data, model, objective)
+    loop.full_data = full  # the judge and the scores' real images: never a smoke-run subset
     try:
         if payload is not None:
             loop.restore(payload)
         else:
             loop.start(argv)
+        loop.open_tensorboard(payload is not None)
         loop.fit()
     except BaseException:
+        loop.close_tensorboard()
         if payload is None and not loop.paths.checkpoint.exists():
             loop.remove_new_files(existed)
         raise
+    loop.close_tensorboard()
     return loop.finish(resumed=payload is not None)
 
 
@@ -423,6 +560,8 @@ class _Loop:
         self.recoveries = 0
         self.recent_losses: list[float] = []
         self.good: dict[str, Any] | None = None  # in-memory copy of the last good state
+        self.tb: Any = None  # TensorBoard SummaryWriter, when logging
+        self.full_data = data  # the whole dataset when data.train_subset trims ``data``
         objective.setup(data, self.device)
         self.steps_per_epoch = (len(data.x_train) + cfg.batch_size - 1) // cfg.batch_size
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -464,10 +603,51 @@ class _Loop:
         self.metrics = _read_metrics(self.paths.metrics, self.start_epoch)
         print(f"resuming {self.paths.root} at epoch {self.start_epoch + 1}, step {self.start_step}")
 
+    def open_tensorboard(self, resumed: bool) -> None:
+        """Start TensorBoard logging (``tensorboard``: None logs when the package is installed,
+        True requires it). A resumed run drops events logged after its checkpoint."""
+        self.tb = None
+        if self.cfg.tensorboard is False:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            if self.cfg.tensorboard:
+                raise JeatError(
+                    f"tensorboard: true needs the tensorboard package "
+                    f"(pip install 'jeat[tensorboard]'): {exc}"
+                ) from None
+            return
+        # an epoch's row is logged at the global step that ends it, so the checkpoint's own
+        # step is kept and everything after it (logged by the killed process) is dropped
+        done = self.start_epoch * self.steps_per_epoch + self.start_step
+        purge = done + 1 if resumed else None
+        self.tb = SummaryWriter(str(self.paths.tensorboard), purge_step=purge)
+
+    def close_tensorboard(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+    def log_tensorboard(self, row: dict[str, Any]) -> None:
+        if self.tb is None:
+            return
+        for key, value in row.items():
+            if key in ("epoch", "step") or not isinstance(value, (int, float)):
+                continue
+            group, _, name = key.partition("_")
+            tag = f"{group}/{name}" if group in ("train", "test") and name else f"run/{key}"
+            self.tb.add_scalar(tag, value, row["step"])
+        self.tb.flush()
+
     def remove_new_files(self, folder_existed: bool) -> None:
         p = self.paths
         for f in (p.config, p.run_info, p.metrics, p.events):
             f.unlink(missing_ok=True)
+        if p.tensorboard.exists():
+            import shutil
+
+            shutil.rmtree(p.tensorboard)
         for d in (p.checkpoint.parent, p.root):
             if d.exists() and not any(d.iterdir()) and (d != p.root or not folder_existed):
                 d.rmdir()
@@ -576,6 +756,7 @@ class _Loop:
         row.update(_epoch_check(cfg, self.model, self.data, self.device, epoch))
         self.metrics.append(row)
         _write_metrics(self.paths.metrics, self.metrics)
+        self.log_tensorboard(row)
         self.sums = {}
         self.checkpoint(epoch + 1, 0)
         if cfg.progress:
@@ -645,13 +826,33 @@ class _Loop:
         model.eval()
         if cfg.final_eval:
             result_eval = final_evaluation(cfg, model, self.data)
-            write_json(paths.eval, {"dataset": self.data.info.name, **result_eval.to_dict()})
+            payload = {"dataset": self.data.info.name, **result_eval.to_dict()}
             print(result_eval.table())
+            if cfg.eval.curve:
+                curve = final_curve(cfg, model, self.data)
+                payload["curve"] = curve.to_dict()
+                for path in write_curve(curve, paths.eval):
+                    print(f"wrote {path}")
+            write_json(paths.eval, payload)
+            with atomic_write(paths.eval.with_suffix(".md"), "w") as fh:
+                fh.write(result_eval.markdown())
             print(f"wrote {paths.eval}")
         if cfg.final_samples:
             images, _ = generate_samples(model, self.data, cfg)
             save_image_grid(images, paths.samples, nrow=grid_width(cfg.generate, len(images)))
             print(f"wrote {paths.samples}")
+        if cfg.final_analysis:
+            analysis = final_analysis({paths.root.name: (model, cfg)}, self.data, paths.analysis)
+            print(analysis.table())
+            print(f"wrote {paths.analysis}/")
+        if cfg.final_scores:
+            scores = final_scores(cfg, model, self.full_data, paths.scores)
+            print(scores.line())
+            print(f"wrote {paths.scores}")
+        if cfg.final_report:
+            from jeat.report import write_report
+
+            print(f"wrote {write_report(paths.root)}")
         return TrainResult(
             paths, model, self.metrics, result_eval, self.start_epoch if resumed else None
         )

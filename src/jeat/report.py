@@ -1,0 +1,507 @@
+"""One self-contained HTML page per run (``jeat report RUN``).
+
+The page collects what a run folder holds (see :mod:`jeat.train` for the layout): the run's
+facts and config, training curves drawn from ``metrics.jsonl``, the robustness table and curve
+(``eval.json``), the sample grids, the energy-landscape figures and numbers (``analysis/``),
+the generation scores (``scores.json`` and any ``*.scores.json``), a WRM certificate when there
+is one, and the divergence events. Every section says which command line (re)produces it, and
+a section whose files are missing says so and gives the command that makes them.
+
+Images are embedded as ``data:`` URIs and the style sheet is inline: the page has no external
+references and no scripts, so it opens offline in any browser and can be mailed as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jeat.errors import JeatError
+from jeat.utils import atomic_write, pyplot
+
+__all__ = ["SECTIONS", "render_report", "write_report"]
+
+# (id, title) of every section, in page order; each is present on every page
+SECTIONS = (
+    ("summary", "Run"),
+    ("reproduce", "Reproduce"),
+    ("config", "Configuration"),
+    ("training", "Training curves"),
+    ("robustness", "Robustness"),
+    ("samples", "Samples"),
+    ("energy", "Energy landscape"),
+    ("scores", "Generation scores"),
+    ("certificate", "WRM certificate"),
+    ("events", "Divergence events"),
+)
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d1d1f;
+background:#fafafa;line-height:1.45}
+header{background:#1f3b57;color:#fff;padding:18px 32px}
+header h1{margin:0 0 4px 0;font-size:24px}
+header p{margin:0;opacity:.85}
+nav{padding:8px 32px;background:#e9eef3;font-size:14px}
+nav a{margin-right:14px;color:#1f3b57;text-decoration:none}
+main{padding:8px 32px 40px 32px;max-width:1200px}
+section{background:#fff;border:1px solid #dde3e9;border-radius:6px;margin:18px 0;padding:6px 20px
+16px 20px}
+h2{font-size:19px;border-bottom:1px solid #eee;padding-bottom:4px}
+h3{font-size:15px;margin-bottom:4px}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}
+th,td{border:1px solid #d5dbe1;padding:3px 8px;text-align:right}
+th{background:#f0f3f6}
+td:first-child,th:first-child{text-align:left}
+pre,code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px}
+pre{background:#f5f7f9;border:1px solid #e2e6ea;padding:8px;overflow-x:auto}
+figure{display:inline-block;margin:8px 16px 8px 0;vertical-align:top}
+figure img{max-width:100%;border:1px solid #e2e6ea;image-rendering:pixelated}
+figcaption{font-size:12px;color:#555}
+.missing{color:#8a5a00;background:#fff7e6;border:1px solid #f3d9a4;padding:6px 10px}
+.warn{color:#9b1c1c}
+.cmd{margin:4px 0}
+"""
+
+
+@dataclass
+class _Run:
+    root: Path
+    info: dict[str, Any]
+    config_text: str
+    config: dict[str, Any]
+
+    @property
+    def q(self) -> str:
+        """The run folder, quoted for a shell."""
+        return shlex.quote(str(self.root))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise JeatError(f"cannot read {path}: {exc}") from None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if not path.exists():
+        return rows
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise JeatError(f"{path} line {number} is not JSON") from None
+    return rows
+
+
+def _load_run(root: Path) -> _Run:
+    import yaml
+
+    if not root.is_dir():
+        raise JeatError(f"{root} is not a run folder")
+    if not (root / "config.yaml").exists() or not (root / "run.json").exists():
+        raise JeatError(f"{root} is not a jeat run folder (no config.yaml and run.json)")
+    text = (root / "config.yaml").read_text()
+    try:
+        config = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise JeatError(f"cannot read {root / 'config.yaml'}: {exc}") from None
+    return _Run(root, _read_json(root / "run.json"), text, config)
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _img(data: bytes, alt: str, caption: str | None = None, width: int | None = None) -> str:
+    src = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    style = f' style="width:{width}px"' if width else ""
+    cap = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
+    return f'<figure><img src="{src}" alt="{_e(alt)}"{style}>{cap}</figure>'
+
+
+def _png_file(path: Path, caption: str | None = None, width: int | None = None) -> str:
+    return _img(path.read_bytes(), path.name, caption or path.name, width)
+
+
+def _table(head: list[str] | None, rows: list[list[Any]]) -> str:
+    out = ["<table>"]
+    if head:
+        out += ["<thead><tr>", *(f"<th>{_e(h)}</th>" for h in head), "</tr></thead>"]
+    out.append("<tbody>")
+    for row in rows:
+        out.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _cmds(*lines: str) -> str:
+    return "".join(f'<pre class="cmd">{_e(line)}</pre>' for line in lines)
+
+
+def _missing(what: str, *commands: str) -> str:
+    return f'<p class="missing">{_e(what)}</p>' + _cmds(*commands)
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+# ---------------------------------------------------------------------------- sections
+def _summary(run: _Run) -> str:
+    i = run.info
+    model = i.get("model", "?")
+    opts = ", ".join(f"{k}={v}" for k, v in (i.get("model_options") or {}).items())
+    rows = [
+        ["objective", i.get("objective", "?")],
+        [
+            "dataset",
+            f"{i.get('dataset', '?')} ({i.get('train_size', '?')} train / "
+            f"{i.get('test_size', '?')} test images)",
+        ],
+        ["model", f"{model} ({opts})" if opts else model],
+        ["epochs", run.config.get("epochs", "?")],
+        ["seed", run.config.get("seed", "?")],
+        ["device", i.get("device", "?")],
+        [
+            "versions",
+            f"jeat {i.get('jeat_version', '?')}, torch {i.get('torch_version', '?')}, "
+            f"Python {i.get('python', '?')}",
+        ],
+        ["platform", i.get("platform", "?")],
+        ["folder", str(run.root)],
+    ]
+    return _table(None, rows)
+
+
+def _reproduce(run: _Run) -> str:
+    argv = run.info.get("argv") or []
+    train = shlex.join(str(a) for a in argv) if argv else "(not recorded)"
+    eval_cfg = run.config.get("eval") or {}
+    attacks = ",".join(eval_cfg.get("attacks") or ["clean", "fgsm", "pgd20"])
+    return (
+        "<p>The training command as it was run, then the commands that rebuild each section "
+        "from the trained model (the final steps of <code>jeat train</code> ran them "
+        "already):</p>"
+        + _cmds(
+            train,
+            f"jeat train --config {run.q}/config.yaml --out NEW_FOLDER   # the same run again",
+            f"jeat eval {run.q} --attacks {attacks} --mode independent --curve "
+            f"{eval_cfg.get('curve') or 'pgd20'}",
+            f"jeat generate {run.q}",
+            f"jeat analyze {run.q}",
+            f"jeat score SAMPLES.npz --against {run.info.get('dataset', 'DATASET')}",
+            f"jeat report {run.q}",
+        )
+    )
+
+
+def _config(run: _Run) -> str:
+    return (
+        f"<p><code>{_e(run.root / 'config.yaml')}</code> (resolved):</p><pre>"
+        + _e(run.config_text)
+        + "</pre>"
+    )
+
+
+def _training_plot(rows: list[dict[str, Any]]) -> bytes:
+    plt = pyplot()
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), dpi=110)
+    loss_keys = [k for k in ("train_loss", "train_ce") if any(k in r for r in rows)]
+    for k in loss_keys:
+        axes[0].plot(epochs, [r.get(k) for r in rows], marker="o", ms=3, label=k)
+    axes[0].set_title("training loss")
+    for k, label in (
+        ("train_acc", "train (on the objective's inputs)"),
+        ("test_clean_acc", "test clean"),
+        ("test_pgd_acc", "test PGD (per-epoch check)"),
+    ):
+        if any(k in r for r in rows):
+            axes[1].plot(epochs, [r.get(k) for r in rows], marker="o", ms=3, label=label)
+    axes[1].set_title("accuracy (%)")
+    axes[2].plot(epochs, [r.get("lr") for r in rows], marker="o", ms=3, label="learning rate")
+    energy = [k for k in ("train_energy_data", "train_energy_sample") if any(k in r for r in rows)]
+    if energy:
+        twin = axes[2].twinx()
+        for k in energy:
+            twin.plot(epochs, [r.get(k) for r in rows], ls="--", label=k)
+        twin.set_ylabel("energy")
+        twin.legend(fontsize=7, loc="lower right")
+    axes[2].set_title("learning rate (and energies)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _training(run: _Run) -> str:
+    rows = _read_jsonl(run.root / "metrics.jsonl")
+    if not rows:
+        return _missing("No epochs logged yet (metrics.jsonl is empty or missing).")
+    keys = [k for k in rows[-1] if k not in ("step",)]
+    last = rows[-1]
+    table = _table(keys, [[_fmt(last.get(k), 4) for k in keys]])
+    tb = run.root / "tensorboard"
+    tb_line = (
+        f"<p>TensorBoard: <code>tensorboard --logdir {_e(tb)}</code></p>" if tb.is_dir() else ""
+    )
+    return (
+        _img(_training_plot(rows), "training curves", f"{len(rows)} epochs, from metrics.jsonl")
+        + "<h3>Last epoch</h3>"
+        + table
+        + tb_line
+    )
+
+
+def _robustness(run: _Run) -> str:
+    path = run.root / "eval.json"
+    if not path.exists():
+        return _missing(
+            "No robustness table yet (eval.json).", f"jeat eval {run.q} --mode independent"
+        )
+    ev = _read_json(path)
+    head = ["attack", "category", "threat", "attacked", "broken", "accuracy %", "seconds"]
+    rows = [
+        [
+            a.get("attack"),
+            a.get("category", ""),
+            a.get("threat"),
+            a.get("attacked"),
+            a.get("broken"),
+            _fmt(a.get("accuracy")),
+            _fmt(a.get("seconds"), 1),
+        ]
+        for a in ev.get("attacks", [])
+    ]
+    rows.append(["worst case", "", "", "", "", _fmt(ev.get("robust_accuracy")), ""])
+    parts = [
+        f"<p>{_e(ev.get('n'))} test points, {_e(ev.get('threat'))}, {_e(ev.get('mode'))} mode.</p>",
+        _table(head, rows),
+    ]
+    warnings = list(ev.get("warnings") or [])
+    if warnings:
+        parts.append("<h3>Sanity warnings</h3><ul>")
+        parts += [f'<li class="warn">{_e(w)}</li>' for w in warnings]
+        parts.append("</ul>")
+    else:
+        parts.append("<p>No sanity rule fired on this table.</p>")
+    curves = sorted(run.root.glob("curve-*.png")) + sorted(run.root.glob("sanity-*.png"))
+    if curves:
+        parts.append("<h3>Robustness curve</h3>")
+        parts += [_png_file(p, width=460) for p in curves]
+    else:
+        parts.append(_missing("No robustness curve yet.", f"jeat eval {run.q} --curve pgd20"))
+    return "".join(parts)
+
+
+def _samples(run: _Run) -> str:
+    grids = [
+        p
+        for p in sorted(run.root.glob("*.png"))
+        if not p.name.startswith(("curve-", "sanity-", "certify"))
+    ]
+    if not grids:
+        return _missing("No sample grids yet.", f"jeat generate {run.q}")
+    g = run.config.get("generate") or {}
+    text = (
+        f"<p>Generated with <code>{_e(g.get('method', 'descent'))}</code>, "
+        f"{_e(g.get('steps', '?'))} steps, seeds <code>{_e(g.get('seeds', 'class'))}</code>; "
+        "one row per class for conditional samples.</p>"
+    )
+    return text + "".join(_png_file(p, width=420) for p in grids)
+
+
+def _energy(run: _Run) -> str:
+    folder = run.root / "analysis"
+    path = folder / "analysis.json"
+    if not path.exists():
+        return _missing("No energy analysis yet (analysis/analysis.json).", f"jeat analyze {run.q}")
+    a = _read_json(path)
+    head = [
+        "model",
+        "E(x,y)",
+        "E(x)",
+        "mean |ΔE| in ε-ball",
+        "mean ‖∇E‖₂",
+        "PGD ΔE",
+        "contour rise",
+        "acc %",
+        "PGD acc %",
+    ]
+    rows = []
+    for m in a.get("models", []):
+        f = a["flatness"][m]
+        c = a["contour"][m]
+        rows.append(
+            [
+                m,
+                _fmt(f["energy_joint"], 3),
+                _fmt(f["energy_marginal"], 3),
+                _fmt(f["delta_joint"], 4),
+                _fmt(f["grad_joint"], 4),
+                _fmt(f["adv_rise_joint"], 3),
+                _fmt(c["rise_mean"], 3),
+                _fmt(f["accuracy"], 1),
+                _fmt(f["adv_accuracy"], 1),
+            ]
+        )
+    parts = [
+        f"<p>{_e(a.get('n'))} test images, L-inf ε = {_e(a.get('eps'))}, contour over "
+        f"[−{_fmt(a.get('span'), 3)}, {_fmt(a.get('span'), 3)}]² (L2 units) on a "
+        f"{_e(a.get('grid'))}×{_e(a.get('grid'))} grid. Smaller |ΔE|, ‖∇E‖ and rise = a flatter "
+        "basin (docs/analysis.md says how each is measured).</p>",
+        _table(head, rows),
+    ]
+    captions = {
+        "contour": "E(x + a·d1 + b·d2, y) − E(x, y), mean over images",
+        "histograms": "E(x) of real, adversarial, generated and noise inputs",
+        "slices": "1-D slices along the adversarial and a random direction",
+        "flatness": "flatness figures",
+    }
+    for name, caption in captions.items():
+        png = folder / f"{name}.png"
+        if png.exists():
+            parts.append(_png_file(png, caption, width=560))
+    return "".join(parts)
+
+
+def _scores(run: _Run) -> str:
+    files = [run.root / "scores.json"] if (run.root / "scores.json").exists() else []
+    files += sorted(p for p in run.root.glob("*.scores.json"))
+    dataset = run.info.get("dataset", "DATASET")
+    if not files:
+        return _missing(
+            "No generation scores yet.",
+            f"jeat judge train --dataset {dataset}",
+            f"jeat generate {run.q} --n 100 --npz {run.q}/samples.npz",
+            f"jeat score {run.q}/samples.npz --against {dataset}",
+        )
+    head = [
+        "file",
+        "backend",
+        "IS",
+        "± std",
+        "splits",
+        "FID",
+        "judge accuracy %",
+        "samples",
+        "real",
+    ]
+    rows = []
+    for f in files:
+        data = _read_json(f)
+        for key in ("judge", "inception-v3"):
+            s = data.get(key)
+            if not s:
+                continue
+            rows.append(
+                [
+                    f.name,
+                    f"{s.get('is_label')} / {s.get('fd_label')}",
+                    _fmt(s.get("inception_score"), 3),
+                    _fmt(s.get("inception_score_std"), 3),
+                    s.get("splits"),
+                    _fmt(s.get("frechet_distance"), 3),
+                    _fmt(s.get("accuracy"), 1),
+                    s.get("n_samples"),
+                    s.get("n_real"),
+                ]
+            )
+    return (
+        "<p>judge-IS and judge-FID come from an independently trained standard classifier of "
+        "the same dataset; they compare models scored by the same judge and are <b>not</b> "
+        "Inception Scores or FIDs (docs/scores.md).</p>" + _table(head, rows)
+    )
+
+
+def _certificate(run: _Run) -> str:
+    path = run.root / "certify-wrm.json"
+    if not path.exists():
+        return "<p>No WRM certificate for this run (only meaningful for WRM models).</p>" + _cmds(
+            f"jeat certify {run.q} --wrm"
+        )
+    c = _read_json(path)
+    rows = [
+        [_fmt(r, 3), _fmt(b, 4)] for r, b in zip(c.get("rho", []), c.get("bound", []), strict=False)
+    ]
+    parts = [
+        f"<p>γ = {_e(c.get('gamma'))}; certified worst-case loss over the Wasserstein ball of "
+        "radius ρ:</p>",
+        _table(["ρ", "bound"], rows),
+    ]
+    png = path.with_suffix(".png")
+    if png.exists():
+        parts.append(_png_file(png, width=460))
+    return "".join(parts)
+
+
+def _events(run: _Run) -> str:
+    events = _read_jsonl(run.root / "events.jsonl")
+    if not events:
+        return "<p>None: training never diverged.</p>"
+    keys = sorted({k for e in events for k in e})
+    return _table(keys, [[_fmt(e.get(k), 4) for k in keys] for e in events])
+
+
+_BUILDERS = {
+    "summary": _summary,
+    "reproduce": _reproduce,
+    "config": _config,
+    "training": _training,
+    "robustness": _robustness,
+    "samples": _samples,
+    "energy": _energy,
+    "scores": _scores,
+    "certificate": _certificate,
+    "events": _events,
+}
+
+
+def render_report(run: str | Path) -> str:
+    """The HTML page of the run folder ``run``, as a string."""
+    r = _load_run(Path(run))
+    title = f"jeat run {r.root.name}"
+    sub = (
+        f"{r.info.get('objective', '?')} · {r.info.get('model', '?')} · "
+        f"{r.info.get('dataset', '?')}"
+    )
+    nav = "".join(f'<a href="#{sid}">{_e(t)}</a>' for sid, t in SECTIONS)
+    body = []
+    for sid, heading in SECTIONS:
+        body.append(f'<section id="{sid}"><h2>{_e(heading)}</h2>{_BUILDERS[sid](r)}</section>')
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>"
+        f"<header><h1>{_e(title)}</h1><p>{_e(sub)}</p></header><nav>{nav}</nav>"
+        f"<main>{''.join(body)}</main></body></html>\n"
+    )
+
+
+def write_report(run: str | Path, out: str | Path | None = None) -> Path:
+    """Write the report of run folder ``run`` to ``out`` (default ``RUN/report.html``),
+    atomically; returns the path."""
+    page = render_report(run)
+    path = Path(out) if out is not None else Path(run) / "report.html"
+    with atomic_write(path, "w") as fh:
+        fh.write(page)
+    return path
