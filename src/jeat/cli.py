@@ -55,8 +55,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, _train_overrides(args))
     out = Path(args.out or f"runs/{cfg.data.name}-{cfg.objective.name}-s{cfg.seed}")
+    from jeat.distributed import from_env
+
     result = train(cfg, out, resume=args.resume, argv=["jeat", *sys.argv[1:]])
-    print(f"run folder: {result.paths.root}")
+    if from_env().is_main:
+        print(f"run folder: {result.paths.root}")
     return 0
 
 

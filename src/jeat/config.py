@@ -30,6 +30,7 @@ __all__ = [
     "EvalConfig",
     "GenerateConfig",
     "StabilityConfig",
+    "PerfConfig",
     "TrainConfig",
     "parse_value",
     "load_config",
@@ -139,6 +140,17 @@ class AnalysisConfig:
 
 
 @dataclass
+class PerfConfig:
+    """The training step's fast path (:mod:`jeat.accel`); evaluation always runs in fp32."""
+
+    # auto (bf16 on a CUDA device that supports it) | bf16 | fp32; YAML true/false (on/off)
+    # mean bf16/fp32
+    amp: str | bool = "auto"
+    channels_last: bool | None = None  # None: on for CUDA
+    compile: bool = False  # torch.compile the network for the training step
+
+
+@dataclass
 class StabilityConfig:
     """Divergence detection and automatic recovery (energy-based training is known to diverge)."""
 
@@ -161,6 +173,7 @@ class TrainConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     epochs: int = 20
     batch_size: int = 128
     seed: int = 0
@@ -389,6 +402,11 @@ def validate_config(cfg: TrainConfig) -> None:
             f"eval.mode must be independent or cascade, got '{cfg.eval.mode}'",
         ),
         (cfg.eval.eps is None or cfg.eval.eps >= 0, "eval.eps must be >= 0"),
+        (
+            isinstance(cfg.perf.amp, bool) or cfg.perf.amp.lower() in ("auto", "bf16", "fp32"),
+            f"perf.amp must be auto, bf16 or fp32, got '{cfg.perf.amp}' (fp16 is not supported: "
+            "it needs loss scaling and small attack input gradients can underflow in it)",
+        ),
         (cfg.analysis.n >= 1, "analysis.n must be >= 1"),
         (cfg.analysis.grid >= 3, "analysis.grid must be >= 3"),
         (cfg.analysis.samples_per_class >= 0, "analysis.samples_per_class must be >= 0"),

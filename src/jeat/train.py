@@ -15,6 +15,10 @@ A run lives in one folder::
     RUN/report.html          everything above on one self-contained page (jeat.report)
     RUN/tensorboard/         TensorBoard event files, when tensorboard is installed
 
+Under ``torchrun`` the run is data-parallel (:mod:`jeat.distributed`): every rank trains, rank
+0 alone writes the folder. The training step's precision, memory layout and compilation are the
+``perf`` settings (:mod:`jeat.accel`).
+
 Exact resume: all randomness is derived from ``(seed, epoch, step)`` (data order per epoch,
 augmentation and attack random starts per step), and the learning rate is a function of the
 global step, so a run killed after any checkpoint and resumed ends with the same weights as an
@@ -45,10 +49,13 @@ import yaml
 from torch import nn
 
 import jeat
+from jeat import distributed
+from jeat.accel import Accelerator
 from jeat.attacks import make_threat
 from jeat.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from jeat.config import TrainConfig, config_from_dict, config_to_dict, validate_config
 from jeat.data import DatasetInfo, ImageDataset, augment_batch, dataset_info, load_dataset
+from jeat.distributed import DistContext, ObjectiveStep
 from jeat.errors import JeatError
 from jeat.evaluate import EvalContext, EvalResult, evaluate
 from jeat.models import create_model
@@ -84,6 +91,7 @@ _RESUMABLE_CHANGES = {
     "final_report",
     "tensorboard",
     "analysis",
+    "perf",
     "stability",
     "generate",
     "eval",
@@ -517,24 +525,42 @@ def train(
     it created are removed again, so a corrected re-run can use the same folder.
     """
     out = Path(out)
-    data, full, model, objective, payload = _prepare_run(cfg, out, resume, data)
-    existed = out.exists()
-    loop = _Loop(cfg, RunPaths(out), data, model, objective)
-    loop.full_data = full  # the judge and the scores' real images: never a smoke-run subset
+    ctx, device = distributed.setup(cfg.device)
     try:
-        if payload is not None:
-            loop.restore(payload)
-        else:
-            loop.start(argv)
-        loop.open_tensorboard(payload is not None)
-        loop.fit()
-    except BaseException:
+        data, full, model, objective, payload = _prepare_run(cfg, out, resume, data)
+        if ctx.enabled:
+            _check_shards(cfg, len(data.x_train), ctx)
+            ctx.barrier()  # every rank has checked the folder before rank 0 writes to it
+        existed = out.exists()
+        loop = _Loop(cfg, RunPaths(out), data, model, objective, ctx, device)
+        loop.full_data = full  # the judge and the scores' real images: never a smoke-run subset
+        try:
+            if payload is not None:
+                loop.restore(payload)
+            else:
+                loop.start(argv)
+            loop.open_tensorboard(payload is not None)
+            loop.fit()
+        except BaseException:
+            loop.close_tensorboard()
+            if ctx.is_main and payload is None and not loop.paths.checkpoint.exists():
+                loop.remove_new_files(existed)
+            raise
         loop.close_tensorboard()
-        if payload is None and not loop.paths.checkpoint.exists():
-            loop.remove_new_files(existed)
-        raise
-    loop.close_tensorboard()
-    return loop.finish(resumed=payload is not None)
+        return loop.finish(resumed=payload is not None)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _check_shards(cfg: TrainConfig, n_train: int, ctx: DistContext) -> None:
+    """Every global batch, the last one included, must give each rank at least one image."""
+    last = n_train % cfg.batch_size or cfg.batch_size
+    if min(cfg.batch_size, last) < ctx.world_size:
+        raise JeatError(
+            f"batch_size {cfg.batch_size} over {n_train} training images leaves a batch of "
+            f"{min(cfg.batch_size, last)} for {ctx.world_size} processes; every process needs "
+            "at least one image: change batch_size or data.train_subset"
+        )
 
 
 class _Loop:
@@ -547,10 +573,17 @@ class _Loop:
         data: ImageDataset,
         model: nn.Module,
         objective: Objective,
+        ctx: DistContext | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.cfg, self.paths, self.data, self.objective = cfg, paths, data, objective
-        self.device = resolve_device(cfg.device)
-        self.model = model.to(self.device)
+        self.ctx = ctx or DistContext()
+        self.main = self.ctx.is_main  # this process writes the run folder
+        self.device = device if device is not None else resolve_device(cfg.device)
+        p = cfg.perf
+        self.accel = Accelerator.create(self.device, p.amp, p.channels_last, p.compile)
+        self.model = model  # the module whose weights are saved
+        net = self.accel.prepare(model)  # on the device; compiled when asked
         self.optimizer = make_optimizer(cfg, self.model)
         self.meta = _meta(cfg, data.info)
         self.start_epoch, self.start_step = 0, 0
@@ -562,13 +595,25 @@ class _Loop:
         self.good: dict[str, Any] | None = None  # in-memory copy of the last good state
         self.tb: Any = None  # TensorBoard SummaryWriter, when logging
         self.full_data = data  # the whole dataset when data.train_subset trims ``data``
+        if self.ctx.enabled:  # each rank's replay buffer starts from its own random draw
+            torch.manual_seed(self._seed(0, 0, 3))
         objective.setup(data, self.device)
+        # the objective (attack, sampler, loss) as one module call; DDP-wrapped under torchrun
+        self.runner = distributed.wrap(ObjectiveStep(net, objective), self.ctx, self.device)
+        self.batches = _Batches(data, self.device)
         self.steps_per_epoch = (len(data.x_train) + cfg.batch_size - 1) // cfg.batch_size
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.augment = data.info.augment if cfg.data.augment else "none"
 
     # ----------------------------------------------------------------- run folder
+    def _seed(self, *parts: int) -> int:
+        """A seed from the run's seed and ``parts`` (and this process's rank under torchrun)."""
+        rank = (self.ctx.rank,) if self.ctx.enabled else ()
+        return derive_seed(self.cfg.seed, *parts, *rank)
+
     def start(self, argv: list[str] | None) -> None:
+        if not self.main:
+            return
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self._write_config()
         write_json(
@@ -579,6 +624,8 @@ class _Loop:
                 "python": platform.python_version(),
                 "platform": platform.platform(),
                 "device": str(self.device),
+                "perf": self.accel.describe(),
+                "world_size": self.ctx.world_size,
                 "train_size": len(self.data.x_train),
                 "test_size": len(self.data.x_test),
             },
@@ -591,23 +638,36 @@ class _Loop:
             self.optimizer.load_state_dict(payload["optimizer_state"])
         except (ValueError, KeyError) as exc:
             raise JeatError(f"checkpoint {ckpt}: optimiser state does not match ({exc})") from None
-        self.objective.load_state_dict(payload.get("objective_state", {}))
+        self._restore_objective(payload)
         self.start_epoch, self.start_step = int(payload["epoch"]), int(payload["step"])
         self.sums = {k: float(v) for k, v in payload.get("sums", {}).items()}
         self.lr_scale = float(payload.get("lr_scale", 1.0))
         self.recoveries = int(payload.get("recoveries", 0))
+        self.metrics = _read_metrics(self.paths.metrics, self.start_epoch)
+        if not self.main:
+            return
         for stale in [*self.paths.root.glob(".*.tmp"), *ckpt.parent.glob(".*.tmp")]:
-            stale.unlink()  # a temp file left by a kill during an (atomic) write
+            stale.unlink(missing_ok=True)  # a temp file left by a kill during an (atomic) write
         if config_to_dict(self.cfg) != payload.get("config"):
             self._write_config()  # e.g. more epochs
-        self.metrics = _read_metrics(self.paths.metrics, self.start_epoch)
         print(f"resuming {self.paths.root} at epoch {self.start_epoch + 1}, step {self.start_step}")
+
+    def _restore_objective(self, payload: dict[str, Any]) -> None:
+        """Each rank takes its own objective state (replay buffer) from the checkpoint."""
+        saved = int(payload.get("world_size", 1))
+        states = payload.get("objective_states") or [payload.get("objective_state", {})]
+        if any(states) and saved != self.ctx.world_size:
+            raise JeatError(
+                f"checkpoint {self.paths.checkpoint} holds the replay buffers of {saved} "
+                f"process(es); resume with {saved} process(es), not {self.ctx.world_size}"
+            )
+        self.objective.load_state_dict(states[self.ctx.rank] if any(states) else {})
 
     def open_tensorboard(self, resumed: bool) -> None:
         """Start TensorBoard logging (``tensorboard``: None logs when the package is installed,
         True requires it). A resumed run drops events logged after its checkpoint."""
         self.tb = None
-        if self.cfg.tensorboard is False:
+        if self.cfg.tensorboard is False or not self.main:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -671,9 +731,18 @@ class _Loop:
         }
 
     def checkpoint(self, epoch: int, step: int) -> None:
-        """Write the checkpoint and keep an in-memory copy as the last good state."""
+        """Write the checkpoint (rank 0, with every rank's objective state) and keep an
+        in-memory copy of this rank's state as the last good state."""
         state = self.state(epoch, step)
-        save_checkpoint(self.paths.checkpoint, state)
+        if self.ctx.enabled:
+            states = self.ctx.all_gather(state["objective_state"])
+            if self.main:
+                save_checkpoint(
+                    self.paths.checkpoint,
+                    {**state, "objective_states": states, "world_size": self.ctx.world_size},
+                )
+        else:
+            save_checkpoint(self.paths.checkpoint, state)
         self.good = copy.deepcopy(state)
 
     # ----------------------------------------------------------------- training
@@ -719,6 +788,8 @@ class _Loop:
             "lr_scale": self.lr_scale,
             "recoveries": self.recoveries,
         }
+        if not self.main:
+            return int(good["epoch"]), int(good["step"])
         with open(self.paths.events, "a") as fh:
             fh.write(json.dumps(event) + "\n")
         print(
@@ -733,9 +804,9 @@ class _Loop:
         cfg, spe = self.cfg, self.steps_per_epoch
         self.model.train()
         t0 = time.perf_counter()
-        order = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch))
+        order = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch))  # same on every rank
         perm = torch.randperm(len(self.data.x_train), generator=order)
-        bar = _progress(cfg, spe, first, f"epoch {epoch + 1}/{cfg.epochs}")
+        bar = _progress(cfg, spe, first, f"epoch {epoch + 1}/{cfg.epochs}", self.main)
         for step in range(first, spe):
             self.step(epoch, step, perm[step * cfg.batch_size : (step + 1) * cfg.batch_size])
             n = self.sums["n"]
@@ -753,46 +824,62 @@ class _Loop:
         count = max(1.0, self.sums.get("n", 0.0))
         row.update({f"train_{k}": v / count for k, v in self.sums.items() if k != "n"})
         row["epoch_seconds"] = time.perf_counter() - t0
-        row.update(_epoch_check(cfg, self.model, self.data, self.device, epoch))
-        self.metrics.append(row)
-        _write_metrics(self.paths.metrics, self.metrics)
-        self.log_tensorboard(row)
         self.sums = {}
+        if self.main:
+            row.update(_epoch_check(cfg, self.model, self.data, self.device, epoch))
+            self.metrics.append(row)
+            _write_metrics(self.paths.metrics, self.metrics)
+            self.log_tensorboard(row)
         self.checkpoint(epoch + 1, 0)
-        if cfg.progress:
+        if cfg.progress and self.main:
             shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()}
             print(json.dumps(shown), file=sys.stderr, flush=True)
 
     def step(self, epoch: int, step: int, idx: torch.Tensor) -> None:
-        cfg, dev = self.cfg, self.device
-        torch.manual_seed(derive_seed(cfg.seed, epoch, step, 1))
-        xb = self.data.x_train[idx].to(dev, non_blocking=True)
-        yb = self.data.y_train[idx].to(dev, non_blocking=True)
+        """One optimiser step on the global batch ``idx`` (this rank's shard of it)."""
+        cfg, dev, ctx = self.cfg, self.device, self.ctx
+        torch.manual_seed(self._seed(epoch, step, 1))
+        local = distributed.shard(idx, ctx)
+        xb, yb = self.batches.get(local)
         if self.augment != "none":
-            g = torch.Generator(device=dev).manual_seed(derive_seed(cfg.seed, epoch, step, 2))
+            g = torch.Generator(device=dev).manual_seed(self._seed(epoch, step, 2))
             xb = augment_batch(xb, self.augment, g)
+        xb = self.accel.batch(xb)
         factor = lr_factor(cfg, epoch * self.steps_per_epoch + step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.optim.lr * self.lr_scale * factor
         self.objective.begin_step(epoch * self.steps_per_epoch + step)
-        result = self.objective(self.model, xb, yb)
+        with self.accel.autocast():
+            result = self.runner(xb, yb)
         loss = result.loss
-        reason = self.diverged(float(loss.detach()), result.metrics)
+        # the step's sums [images, loss, correct, metrics...] in one vector, added over ranks:
+        # one host sync per step, and every rank sees the same numbers (and so decides alike)
+        b, keys = len(local), sorted(result.metrics)
+        parts = [
+            loss.new_tensor(float(b)),
+            loss.detach().float() * b,
+            (result.logits.argmax(1) == result.y).float().sum(),
+            *(result.metrics[k].detach().float() * b for k in keys),
+        ]
+        values = ctx.all_reduce_sum(torch.stack(parts)).tolist()
+        n = values[0]
+        means = {k: values[3 + i] / n for i, k in enumerate(keys)}
+        reason = self.diverged(values[1] / n, means)
         if reason:
             raise _Divergence(reason, epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
+        if ctx.enabled:  # DDP averages over ranks: weight each shard by its share of the batch
+            loss = loss * (b * ctx.world_size / len(idx))
         loss.backward()
         if cfg.optim.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
-        b = len(idx)
-        correct = float((result.logits.argmax(1) == result.y).float().sum())
-        batch = {"loss": float(loss.detach()) * b, "acc": correct * 100, "n": b}
-        batch.update({k: float(v) * b for k, v in result.metrics.items()})
+        batch = {"loss": values[1], "acc": values[2] * 100, "n": n}
+        batch.update({k: values[3 + i] for i, k in enumerate(keys)})
         for k, v in batch.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
-    def diverged(self, loss: float, metrics: dict[str, torch.Tensor]) -> str | None:
+    def diverged(self, loss: float, metrics: dict[str, float]) -> str | None:
         """Why this step counts as diverged (None if it does not)."""
         st = self.cfg.stability
         if not math.isfinite(loss):
@@ -817,6 +904,9 @@ class _Loop:
     # ----------------------------------------------------------------- outputs
     def finish(self, resumed: bool) -> TrainResult:
         cfg, paths, model = self.cfg, self.paths, self.model
+        resumed_from = self.start_epoch if resumed else None
+        if not self.main:  # rank 0 saves the model and runs the final steps
+            return TrainResult(paths, model, self.metrics, None, resumed_from)
         save_checkpoint(
             paths.model,
             {"meta": self.meta, "config": config_to_dict(cfg), "model_state": model.state_dict()},
@@ -853,9 +943,7 @@ class _Loop:
             from jeat.report import write_report
 
             print(f"wrote {write_report(paths.root)}")
-        return TrainResult(
-            paths, model, self.metrics, result_eval, self.start_epoch if resumed else None
-        )
+        return TrainResult(paths, model, self.metrics, result_eval, resumed_from)
 
 
 def grid_width(g: Any, n_images: int) -> int:
@@ -871,15 +959,42 @@ class _Divergence(Exception):
         self.reason, self.epoch, self.step = reason, epoch, step
 
 
-def _progress(cfg: TrainConfig, total: int, initial: int, desc: str):
+def _progress(cfg: TrainConfig, total: int, initial: int, desc: str, show: bool = True):
     from tqdm import tqdm
 
     return tqdm(
         total=total,
         initial=initial,
         desc=desc,
-        disable=not cfg.progress,
+        disable=not (cfg.progress and show),
         leave=False,
         dynamic_ncols=True,
         file=sys.stderr,
     )
+
+
+class _Batches:
+    """Training batches on the device. On CUDA the whole training set is copied to the device
+    once when it takes at most a quarter of the free device memory (CIFAR-10: 0.6 GB), so a
+    batch is an on-device gather; otherwise each batch is gathered on the host into pinned
+    memory and copied asynchronously. The data are in-memory tensors and augmentation runs on
+    the device, so there is no per-batch host work that loader worker processes could hide."""
+
+    def __init__(self, data: ImageDataset, device: torch.device) -> None:
+        self.device = device
+        x, y = data.x_train, data.y_train
+        self.pinned = False
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if x.element_size() * x.numel() <= free // 4:
+                x, y = x.to(device), y.to(device)
+            else:
+                self.pinned = True
+        self.x, self.y = x, y
+
+    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = idx.to(self.x.device)
+        xb, yb = self.x[idx], self.y[idx]
+        if self.pinned:
+            xb, yb = xb.pin_memory(), yb.pin_memory()
+        return xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)

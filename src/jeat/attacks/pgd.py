@@ -181,12 +181,13 @@ class PGD:
     def _record(
         logits: Tensor, y: Tensor, target: Tensor | None, x_adv: Tensor, found: Tensor, best: Tensor
     ) -> None:
-        """Store the iterates that fool the model for the first time."""
+        """Store the iterates that fool the model for the first time (in place, with no
+        host-device synchronisation: the attack loop never waits for the device)."""
         pred = logits.argmax(1)
         now = (pred == target if target is not None else pred != y) & ~found
-        if now.any():
-            best[now] = x_adv.detach()[now]
-            found |= now
+        mask = now.view(-1, *([1] * (x_adv.dim() - 1)))
+        torch.where(mask, x_adv.detach(), best, out=best)
+        found |= now
 
 
 def FGSM(threat: ThreatModel, loss: str = "ce", eval_mode: bool = True) -> PGD:  # noqa: N802

@@ -1,0 +1,119 @@
+"""The fast path of training: mixed precision, channels-last memory and ``torch.compile``.
+
+Three independent switches (``perf.*`` in a run's config), each with an ``auto`` default that
+is on where it pays and off where it does not:
+
+* ``perf.amp``: ``auto`` (bf16 autocast on a CUDA device that supports it, fp32 elsewhere),
+  ``bf16`` or ``fp32`` (YAML's ``on``/``off`` mean the same two). Autocast covers the
+  training step only: the training attack, the SGLD sampler and the loss. Every energy and
+  attack loss upcasts the logits to fp32 before the log-sum-exp and the batch sum
+  (:mod:`jeat.energy`), and the adversarial iterate itself stays an fp32 tensor, so only the
+  network's matrix products run in bf16 while the attack's gradient is reduced and applied in
+  fp32. Evaluation, generation and analysis always run in fp32, so reported numbers never
+  depend on the training precision. fp16 is refused: it needs loss scaling, and small input
+  gradients can underflow in it, silently weakening the attack (the design notes cite
+  half-precision overflow reports from AutoAttack users).
+* ``perf.channels_last``: ``auto`` (on for CUDA), ``true`` or ``false``: the model and each
+  batch use the NHWC layout that tensor-core convolutions want.
+* ``perf.compile``: ``torch.compile`` the network for the training step (off by default: the
+  first steps pay the compile time). The saved weights are always those of the plain module.
+
+:class:`Accelerator` holds the resolved choice and applies it; the training loop and the
+benchmarks use the same object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from jeat.errors import JeatError
+
+__all__ = ["Accelerator", "resolve_amp", "AMP_CHOICES"]
+
+AMP_CHOICES = ("auto", "bf16", "fp32")
+
+
+def resolve_amp(name: str | bool, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``perf.amp = name`` on ``device`` (None: fp32). YAML's booleans
+    (``true``/``on``, ``false``/``off``) mean bf16 and fp32."""
+    if isinstance(name, bool):
+        name = "bf16" if name else "fp32"
+    name = str(name).lower()
+    if name in ("fp16", "float16", "half"):
+        raise JeatError(
+            "perf.amp: fp16 is not supported (it needs loss scaling, and small attack input "
+            "gradients can underflow in it); use bf16 or fp32"
+        )
+    if name not in AMP_CHOICES:
+        raise JeatError(f"perf.amp must be one of {', '.join(AMP_CHOICES)}, got '{name}'")
+    if name == "fp32":
+        return None
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise JeatError(f"perf.amp: bf16 is not supported on {device}; use fp32")
+    return torch.bfloat16
+
+
+def _auto_flag(value: bool | None, device: torch.device) -> bool:
+    return device.type == "cuda" if value is None else bool(value)
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """Resolved fast-path settings for one device."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    compile: bool = False
+
+    @classmethod
+    def create(
+        cls,
+        device: torch.device,
+        amp: str | bool = "auto",
+        channels_last: bool | None = None,
+        compile: bool = False,
+    ) -> Accelerator:
+        return cls(device, resolve_amp(amp, device), _auto_flag(channels_last, device), compile)
+
+    def describe(self) -> str:
+        amp = "bf16" if self.amp_dtype is torch.bfloat16 else "fp32"
+        parts = [amp, "channels-last" if self.channels_last else "contiguous"]
+        if self.compile:
+            parts.append("compiled")
+        return ", ".join(parts)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Put ``model`` on the device (in place, channels-last when asked) and return the
+        module the training step should call: ``model`` itself or its compiled wrapper, which
+        shares the parameters (save ``model``, never the wrapper)."""
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if not self.compile:
+            return model
+        return torch.compile(model)  # type: ignore[return-value]  # compiles at the first call
+
+    def batch(self, x: Tensor) -> Tensor:
+        """A batch in the layout the model expects."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Mixed precision for the enclosed training step (a no-op in fp32)."""
+        if self.amp_dtype is None:
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=self.amp_dtype):
+            yield

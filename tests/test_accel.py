@@ -1,0 +1,143 @@
+"""The training step's fast path: bf16 autocast, channels-last, torch.compile, and attack and
+sampler loops that never wait for the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAST
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from jeat import JeatError
+from jeat.accel import Accelerator, resolve_amp
+from jeat.attacks import PGD, L2Ball, LinfBall
+from jeat.config import load_config
+from jeat.models import create_model
+from jeat.samplers import SGLD, SeededDescent
+from jeat.train import train
+
+CPU = torch.device("cpu")
+
+# calls that make the host wait for the device (a result's value or size is needed on the host)
+_SYNCS = {
+    Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__int__, Tensor.__float__,
+    Tensor.nonzero, torch.nonzero, Tensor.cpu, Tensor.numpy, torch.unique, Tensor.unique,
+    torch.masked_select, Tensor.masked_select,
+}  # fmt: skip
+
+
+class SyncSpy(TorchFunctionMode):
+    """Records every host-device synchronising call made while it is active, including
+    indexing with a boolean mask (its result's size is only known after a device read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _SYNCS:
+            self.calls.append(func.__name__)
+        elif func in (Tensor.__getitem__, Tensor.__setitem__) and len(args) > 1:
+            items = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, Tensor) and i.dtype == torch.bool for i in items):
+                self.calls.append(f"{func.__name__} with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+def _net():
+    torch.manual_seed(0)
+    return create_model("small_cnn", in_channels=1, num_classes=10, mean=[0.5], std=[0.5],
+                        width=8).eval()  # fmt: skip
+
+
+def test_the_spy_sees_the_syncs_it_looks_for():
+    x = torch.rand(4, 3)
+    with SyncSpy() as spy:
+        if (x > 0.5).any():
+            x[x > 0.9] = 0
+        x.sum().item()
+        torch.where(x > 0.5, x, 0 * x)  # not a sync
+    assert spy.calls == ["__bool__", "__setitem__ with a boolean mask", "item"]
+
+
+@pytest.mark.parametrize(
+    "name, run",
+    [
+        ("PGD L-inf, last iterate", lambda m, x, y: PGD(LinfBall(0.2), 5)(m, x, y, check=False)),
+        (
+            "PGD L2, first success kept",
+            lambda m, x, y: PGD(L2Ball(1.0), 5, keep_success=True)(m, x, y, check=False),
+        ),
+        ("SGLD on E(x)", lambda m, x, y: SGLD(5)(m, x)),
+        ("SGLD on E(x, y)", lambda m, x, y: SGLD(5)(m, x, y)),
+        ("seeded descent", lambda m, x, y: SeededDescent(steps=5)(m, x, y)),
+    ],
+)
+def test_attack_and_sampler_loops_never_wait_for_the_device(name, run):
+    model, x, y = _net(), torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    with SyncSpy() as spy:
+        out = run(model, x, y)
+    assert out.shape == x.shape
+    assert spy.calls == [], f"{name} synchronises: {spy.calls}"
+
+
+def test_amp_choices():
+    assert resolve_amp("auto", CPU) is None  # bf16 only by default on a CUDA device
+    assert resolve_amp("fp32", CPU) is None and resolve_amp(False, CPU) is None  # YAML "off"
+    assert resolve_amp("bf16", CPU) is torch.bfloat16 and resolve_amp(True, CPU) is torch.bfloat16
+    assert load_config("digits-pgdat", ["perf.amp=off"]).perf.amp is False
+    with pytest.raises(JeatError, match="fp16 is not supported"):
+        resolve_amp("fp16", CPU)
+    with pytest.raises(JeatError, match="perf.amp must be one of auto, bf16, fp32"):
+        resolve_amp("fast", CPU)
+    with pytest.raises(JeatError, match="fp16 is not supported"):
+        load_config("digits-pgdat", ["perf.amp=fp16"])
+    acc = Accelerator.create(CPU, "bf16", channels_last=True)
+    assert acc.describe() == "bf16, channels-last"
+    assert Accelerator.create(CPU).describe() == "fp32, contiguous"
+
+
+def _run(tmp_path, name, extra, digits, epochs=3):
+    cfg = load_config(
+        "digits-standard",
+        [
+            *FAST,
+            f"epochs={epochs}",
+            "model.options.width=8",
+            "optim.lr=0.01",
+            "eval.epoch_n=360",
+            "eval.epoch_steps=0",
+            *extra,
+        ],  # fmt: skip
+    )
+    return train(cfg, tmp_path / name, data=digits)
+
+
+def test_bf16_training_runs_in_bf16_and_learns_as_well_as_fp32(tmp_path, digits):
+    fp32 = _run(tmp_path, "fp32", [], digits)
+    bf16 = _run(tmp_path, "bf16", ["perf.amp=bf16"], digits)
+    a, b = fp32.model.state_dict(), bf16.model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # autocast really changed the maths
+    assert all(v.dtype == torch.float32 for v in b.values())  # weights stay fp32
+    acc32, acc16 = fp32.metrics[-1]["test_clean_acc"], bf16.metrics[-1]["test_clean_acc"]
+    assert acc16 >= acc32 - 3 and acc32 > 75  # 83.1 / 82.8 here
+
+
+def test_channels_last_trains_the_same_model(tmp_path, digits):
+    plain = _run(tmp_path, "plain", [], digits, epochs=2)
+    nhwc = _run(tmp_path, "nhwc", ["perf.channels_last=true"], digits, epochs=2)
+    convs = [p for p in nhwc.model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    a, b = plain.model.state_dict(), nhwc.model.state_dict()
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-3
+
+
+def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, digits):
+    """torch.compile'd training step (CPU inductor: compiles in ~40 s here) against eager."""
+    extra = ["data.train_subset=256", "data.augment=false"]
+    eager = _run(tmp_path, "eager", extra, digits, epochs=1)
+    compiled = _run(tmp_path, "compiled", [*extra, "perf.compile=true"], digits, epochs=1)
+    a, b = eager.model.state_dict(), compiled.model.state_dict()
+    assert a.keys() == b.keys()  # no "_orig_mod." prefixes in what is saved
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-4
