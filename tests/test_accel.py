@@ -8,6 +8,7 @@ import torch
 from conftest import FAST
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from jeat import JeatError
 from jeat.accel import Accelerator, resolve_amp
@@ -80,6 +81,43 @@ def test_attack_and_sampler_loops_never_wait_for_the_device(name, run):
         out = run(model, x, y)
     assert out.shape == x.shape
     assert spy.calls == [], f"{name} synchronises: {spy.calls}"
+
+
+class BackwardSpy(TorchDispatchMode):
+    """Records which gradients each convolution backward computes (input, weight, bias) and
+    how many matrix products run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_masks: list[tuple[bool, ...]] = []
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.conv_masks.append(tuple(args[-1]))
+        name = func.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_attack_backward_passes_compute_input_gradients_only():
+    """A PGD step is one forward and one backward that computes no weight gradient (the
+    convolutions' weight and bias gradients are masked off, linear layers do one product per
+    layer): about two forwards' work instead of a training step's three."""
+    torch.manual_seed(0)
+    model = create_model("small_cnn", in_channels=3, num_classes=10, mean=[0.5] * 3,
+                         std=[0.5] * 3, width=8).eval()  # fmt: skip
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    with BackwardSpy() as attack:
+        PGD(LinfBall(8 / 255), 3)(model, x, y, check=False)
+    assert len(attack.conv_masks) == 3 * 3  # three convolutions, three steps
+    assert set(attack.conv_masks) == {(True, False, False)}
+    assert attack.counts["mm.default"] == attack.counts["addmm.default"]  # input grads only
+    assert all(p.grad is None for p in model.parameters())
+    with BackwardSpy() as step:  # a training backward, for contrast
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert all(mask[1] for mask in step.conv_masks)
+    assert step.counts["mm.default"] == 2 * step.counts["addmm.default"]
 
 
 def test_amp_choices():
