@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import FAST
 
 import jeat.train as jt
 from jeat import JeatError
@@ -92,13 +93,7 @@ def _jem_cfg(extra=()):
             "data.train_subset=256",
             "schedule.name=constant",
             "schedule.warmup_steps=0",
-            "progress=false",
-            "final_eval=false",
-            "final_samples=false",
-            "final_analysis=false",
-            "final_scores=false",
-            "final_report=false",
-            "eval.epoch_n=0",
+            *FAST,
             *extra,
         ],
     )

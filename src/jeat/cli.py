@@ -470,6 +470,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_args(p: argparse.ArgumentParser, device: str = "auto") -> None:
+    """The options every command that loads a run's dataset takes."""
+    p.add_argument("--device", default=device)
+    p.add_argument("--data-dir", help="folder holding the dataset's original files")
+    p.add_argument("--download", action="store_true", help="download missing dataset files")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jeat",
@@ -503,9 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("run", help="run folder or checkpoint file")
         s.add_argument("--out", help="output file (default: inside the run folder)")
-        s.add_argument("--device", default="auto")
-        s.add_argument("--data-dir")
-        s.add_argument("--download", action="store_true")
+        _data_args(s)
         s.set_defaults(func=func)
         if name in ("eval", "attack"):
             s.add_argument("--norm", choices=["linf", "l2"])
@@ -571,9 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     an.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     an.add_argument("--out", help="output folder (default: FIRST_RUN/analysis)")
-    an.add_argument("--device", default="auto")
-    an.add_argument("--data-dir")
-    an.add_argument("--download", action="store_true")
+    _data_args(an, device="auto")
     an.set_defaults(func=cmd_analyze)
 
     rep = sub.add_parser("report", help="one self-contained HTML page for a run")
@@ -588,9 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--rho", default="0.1,0.5,1,2", help="transport budgets (mean ||dx||^2)")
     cert.add_argument("--n", type=int, default=500, help="test points (0: all)")
     cert.add_argument("--out", help="output JSON (default: RUN/certify-wrm.json, plus .png)")
-    cert.add_argument("--device", default="auto")
-    cert.add_argument("--data-dir")
-    cert.add_argument("--download", action="store_true")
+    _data_args(cert, device="auto")
     cert.set_defaults(func=cmd_certify)
 
     judge = sub.add_parser("judge", help="the judge classifier behind judge-IS / judge-FID")
@@ -622,9 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--quick", action="store_true", help="1,000 samples, 1,000 real, 1 split")
     sc.add_argument("--seed", type=int, default=0, help="seed of the subsampling")
     sc.add_argument("--out", help="JSON output (default: SAMPLES.scores.json)")
-    sc.add_argument("--device", default="cpu")
-    sc.add_argument("--data-dir")
-    sc.add_argument("--download", action="store_true")
+    _data_args(sc, device="cpu")
     sc.set_defaults(func=cmd_score)
 
     for name, func, help_ in (
