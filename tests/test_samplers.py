@@ -92,3 +92,35 @@ def test_descend_leaves_model_and_grads_alone():
         p.grad = torch.ones_like(p)
     descend(model, torch.rand(3, 1, 2, 2), lambda lg, y: lg.sum(1), lambda x, g: x - g, 3)
     assert model.training and all((p.grad == 1).all() for p in model.parameters())
+
+
+def test_class_gaussian_seeds_never_copy_a_covariance_factor_per_seed():
+    """Filling a CIFAR-sized replay buffer (768-dim Gaussians at 16x16x3) must not materialise
+    a 768 x 768 Cholesky factor per seed (10,000 seeds: 23.6 GB); every draw is still
+    ``mu_y + L_y z``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    torch.manual_seed(0)
+    x, y = torch.rand(300, 3, 32, 32), torch.arange(300) % 10
+    gauss = fit_class_gaussians(x, y, 10)
+    labels = torch.arange(400) % 10
+    with Largest() as spy:
+        seeds = gauss.sample(labels, torch.Generator().manual_seed(1))
+    assert seeds.shape == (400, 3, 32, 32)
+    assert spy.numel <= seeds.numel()  # nothing bigger than the output (a per-seed copy: 60x)
+    z = torch.randn(400, 768, generator=torch.Generator().manual_seed(1))
+    low = torch.stack([gauss.means[c] + gauss.chol[c] @ z[i] for i, c in enumerate(labels)])
+    up = nn.functional.interpolate(low.view(-1, 3, 16, 16), size=(32, 32), mode="bilinear")
+    assert torch.allclose(seeds, up.clamp(0, 1), atol=1e-5)

@@ -72,8 +72,13 @@ class ClassGaussians:
         k = self.means.shape[0]
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
             raise JeatError(f"classes must lie in [0, {k - 1}], got {labels.tolist()}")
-        z = torch.randn(labels.shape[0], self.means.shape[1], 1, generator=generator)
-        x = self.means[labels] + (self.chol[labels] @ z).squeeze(-1)
+        z = torch.randn(labels.shape[0], self.means.shape[1], generator=generator)
+        # one product per class: indexing ``chol[labels]`` would copy a D x D factor per seed
+        # (10,000 buffer seeds of CIFAR's 768-dim Gaussians: 23.6 GB)
+        x = self.means[labels].clone()
+        for c in torch.unique(labels).tolist():
+            rows = labels == c
+            x[rows] += z[rows] @ self.chol[c].T
         x = x.view(-1, *self.low_shape)
         if self.low_shape != self.shape:
             x = F.interpolate(x, size=self.shape[1:], mode="bilinear", align_corners=False)
