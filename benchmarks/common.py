@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts (not part of the library): train-or-reuse a run,
-the judge classifier, judge-based generation scores and the machine line of a results file.
+the judge classifier, judge-based generation scores, the machine line of a results file, and
+the measuring tools of the cost benchmarks (interleaved timing, peak memory, FLOP counts).
 
 The benchmarks import it as a sibling module (``python benchmarks/<script>.py`` puts this
 folder first on ``sys.path``).
@@ -7,17 +8,29 @@ folder first on ``sys.path``).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import io
 import json
 import platform
 import shutil
 import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from jeat.attacks import LinfBall
+from jeat.attacks import PGD, LinfBall
 from jeat.config import GenerateConfig, TrainConfig
-from jeat.data import ImageDataset
+from jeat.data import ImageDataset, load_dataset
+from jeat.errors import JeatError
 from jeat.evaluate import evaluate
 from jeat.metrics import judge_scores
 from jeat.samplers import generate, sample_seeds
@@ -108,3 +121,300 @@ def machine() -> str:
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
         f"threads, torch {torch.__version__}"
     )
+
+
+# ----------------------------------------------------------------- PGD vs torchattacks
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def pgd_ratio(model: nn.Module, x: Tensor, y: Tensor, eps: float, repeats: int) -> dict[str, Any]:
+    """PGD-20 (L-inf, step eps/4, random start) with ``jeat.attacks.PGD`` and with
+    ``torchattacks.PGD`` on the same model and batch, alternating the two; the medians of
+    ``repeats`` timings each and their ratio ours / torchattacks."""
+    import torchattacks
+
+    ours = PGD(LinfBall(eps), steps=20)
+    ref = torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=20, random_start=True)
+    model.eval()
+    ours(model, x, y)  # warm-up both
+    ref(x, y)
+    t_ours, t_ref = [], []
+    for i in range(repeats):
+        gen = torch.Generator().manual_seed(i)
+        pair = [("ours", lambda g=gen: ours(model, x, y, generator=g)), ("ref", lambda: ref(x, y))]
+        for name, fn in pair if i % 2 == 0 else pair[::-1]:
+            (t_ours if name == "ours" else t_ref).append(_timed(fn))
+    a, b = statistics.median(t_ours), statistics.median(t_ref)
+    return {"ours_s": a, "torchattacks_s": b, "ratio": a / b, "batch": list(x.shape)}
+
+
+# ----------------------------------------------------------------- peak memory
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+_LIBC: Any = None
+
+
+def _status_kib(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (VmRSS, VmHWM), or None where unreadable."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _trim_host_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so that a row's RSS
+    baseline does not hold buffers an earlier row freed; a no-op where there is no glibc."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:
+            _LIBC = False
+    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
+    if trim is not None:
+        trim(0)
+
+
+def memory_label(device: torch.device) -> str:
+    """What :class:`PeakMemory` reports on ``device`` (the memory column's heading)."""
+    if device.type == "cuda":
+        return "peak CUDA memory allocated"
+    return "host peak RSS above baseline"
+
+
+class PeakMemory:
+    """Peak memory of the enclosed block in bytes (``.peak``; None where it cannot be measured).
+
+    * CUDA: ``torch.cuda.max_memory_allocated`` after ``torch.cuda.reset_peak_memory_stats``
+      (all memory allocated at the peak, tensors alive before the block included).
+    * CPU: the host peak RSS above baseline: freed heap is returned to the OS, writing ``5`` to
+      ``/proc/self/clear_refs`` resets the peak (``VmHWM``) to the current RSS, and the result
+      is ``VmHWM`` after the block minus ``VmRSS`` before it. Memory that an earlier block left
+      allocated counts in the baseline, not in the peak.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak: int | None = None
+        self._base_kib: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        gc.collect()
+        _trim_host_heap()
+        try:
+            _CLEAR_REFS.write_text("5")
+        except OSError:
+            return self  # no /proc (or not writable): the peak stays None
+        self._base_kib = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        elif self._base_kib is not None:
+            hwm = _status_kib("VmHWM")
+            self.peak = None if hwm is None else max(0, hwm - self._base_kib) * 1024
+
+
+def mib(n_bytes: int | None) -> str:
+    return "n/a" if n_bytes is None else f"{n_bytes / 2**20:.0f}"
+
+
+def num(value: float) -> str:
+    """A rate for a table: whole numbers from 100 up, three significant digits below."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+# ----------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    """Wait for the device (CUDA work is asynchronous; the CPU needs nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Measured:
+    """The timings of one compared variant and its peak memory over the timed calls."""
+
+    seconds: list[float] = field(default_factory=list)
+    peaks: list[int | None] = field(default_factory=list)  # per call, None: not measured
+
+    def add(self, seconds: float, peak: int | None) -> None:
+        self.seconds.append(seconds)
+        self.peaks.append(peak)
+
+    def peak_after(self, skip: int = 0) -> int | None:
+        """The largest peak over the calls after the first ``skip`` (None if none measured)."""
+        known = [p for p in self.peaks[skip:] if p is not None]
+        return max(known) if known else None
+
+    @property
+    def peak_bytes(self) -> int | None:
+        return self.peak_after(0)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int | None]:
+    """Seconds of one call of ``fn`` (device synchronised before and after) and its peak memory."""
+    with PeakMemory(device) as mem:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        seconds = time.perf_counter() - start
+    return seconds, mem.peak
+
+
+def rotated(names: list[str], r: int) -> list[str]:
+    """``names`` starting at position ``r`` (mod its length): round ``r``'s order, so that every
+    variant runs early and late in a round as often as the others."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
+def interleaved(
+    variants: dict[str, Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    warmup: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Measured]:
+    """Time every variant ``repeats`` times, interleaved: ``warmup`` untimed rounds, then round
+    ``r`` runs all variants in the order :func:`rotated` gives. Drift in the machine's load then
+    hits every variant alike, and the medians compare like with like."""
+    names = list(variants)
+    for w in range(warmup):
+        for name in names:
+            start = time.perf_counter()
+            variants[name]()
+            sync(device)
+            if log:
+                log(f"  warm-up {w + 1}: {name} {time.perf_counter() - start:.2f}s")
+    out = {name: Measured() for name in names}
+    for r in range(repeats):
+        for name in rotated(names, r):
+            seconds, peak = measure(variants[name], device)
+            out[name].add(seconds, peak)
+            if log:
+                log(f"  round {r + 1}/{repeats}: {name} {seconds:.2f}s")
+    return out
+
+
+# ----------------------------------------------------------------- FLOPs
+class _GlobalOnly:
+    """Stands in for :class:`FlopCounterMode`'s module tracker, whose backward hooks break
+    ``torch.autograd.grad`` (every attack and sampler step); only the global total is needed."""
+
+    parents = {"Global"}
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of everything ``fn`` executes (forward and backward), as PyTorch's
+    ``FlopCounterMode`` counts them: matrix products and convolutions (2 FLOPs per
+    multiply-add), not element-wise operations."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()  # type: ignore[assignment]
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# Peak dense bf16 tensor FLOP/s by device name (no sparsity), for model-FLOPs utilisation.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989.4e12),  # SXM
+    ("A100", 312e12),
+)
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """The device's peak dense bf16 FLOP/s (``override_tflops`` x 1e12 when given); None on
+    the CPU or an unlisted GPU."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for key, peak in PEAK_BF16_FLOPS:
+        if all(part.lower() in name for part in key.split()):
+            return peak
+    return None
+
+
+def device_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+# ----------------------------------------------------------------- training runs and outputs
+# The overrides that keep a timing run lean: no progress bar, no final steps, no per-epoch check.
+LEAN_OVERRIDES = [
+    "progress=false",
+    "final_eval=false",
+    "final_samples=false",
+    "final_analysis=false",
+    "final_scores=false",
+    "final_report=false",
+    "eval.epoch_n=0",
+    "tensorboard=false",
+]
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Swallow what the library prints on stdout (``wrote model.pt`` and the like)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def cifar_or_digits(data_dir: str | Path) -> ImageDataset:
+    """The CIFAR-10 subset under ``data_dir`` (``cifar-10-batches-py``), else the embedded
+    digits, saying so."""
+    try:
+        return load_dataset("cifar10", root=Path(data_dir))
+    except (JeatError, OSError) as exc:
+        print(
+            f"no CIFAR-10 data under {data_dir} ({exc}); falling back to the embedded digits "
+            "(pass --data-dir to the folder holding cifar-10-batches-py)"
+        )
+        return load_dataset("digits")
+
+
+def write_outputs(out: str | Path, results: dict[str, Any], table: str) -> Path:
+    """Write ``results.json`` and ``table.md`` into folder ``out``."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (folder / "table.md").write_text(table)
+    print(f"wrote {folder}/results.json and table.md")
+    return folder
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

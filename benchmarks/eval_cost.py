@@ -20,42 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import pgd_ratio
 
-from jeat.attacks import PGD, LinfBall
+from jeat.attacks import LinfBall
 from jeat.config import load_config
 from jeat.data import load_dataset
 from jeat.evaluate import evaluate
 from jeat.models import create_model
 from jeat.train import load_trained, train
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def pgd_ratio(model, x, y, eps: float, repeats: int) -> dict:
-    import torchattacks
-
-    ours = PGD(LinfBall(eps), steps=20)
-    ref = torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=20, random_start=True)
-    model.eval()
-    ours(model, x, y)  # warm-up both
-    ref(x, y)
-    t_ours, t_ref = [], []
-    for i in range(repeats):
-        gen = torch.Generator().manual_seed(i)
-        pair = [("ours", lambda g=gen: ours(model, x, y, generator=g)), ("ref", lambda: ref(x, y))]
-        for name, fn in pair if i % 2 == 0 else pair[::-1]:
-            (t_ours if name == "ours" else t_ref).append(_timed(fn))
-    a, b = statistics.median(t_ours), statistics.median(t_ref)
-    return {"ours_s": a, "torchattacks_s": b, "ratio": a / b, "batch": list(x.shape)}
 
 
 def main() -> None:
