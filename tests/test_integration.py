@@ -45,6 +45,11 @@ def test_train_eval_generate_on_real_data(name, tmp_path):
             "eval.attacks=[clean, fgsm, pgd5]",
             "generate.steps=5",
             "generate.n_per_class=2",
+            "eval.curve=pgd5",
+            "analysis.n=16",
+            "analysis.grid=5",
+            "analysis.samples_per_class=1",
+            "final_scores=false",  # judge scores on real data: tests/test_scores.py (MNIST)
             "progress=false",
             *extra,
         ],
@@ -59,3 +64,7 @@ def test_train_eval_generate_on_real_data(name, tmp_path):
     grid = Image.open(tmp_path / name / "samples.png")
     assert grid.mode == ("L" if shape[0] == 1 else "RGB")
     assert grid.size[1] > grid.size[0]  # 10 rows of 2 images
+    analysis = json.loads((tmp_path / name / "analysis" / "analysis.json").read_text())
+    assert analysis["n"] == 16 and (tmp_path / name / "curve-pgd5-linf.png").exists()
+    page = (tmp_path / name / "report.html").read_text()
+    assert '<section id="energy">' in page and "No generation scores yet" in page
