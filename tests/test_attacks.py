@@ -28,6 +28,38 @@ def test_pgd_stays_in_the_ball_and_the_box(threat):
     assert (threat.distance(x_adv, x) <= threat.eps + 1e-5).all()
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.6])
+def test_linf_fused_update_is_step_then_projection(eps):
+    # LinfBall.advance (in place: sign, add, one clamp to the precomputed box) must equal the
+    # textbook step-then-project update, including pixels pushed past 0, 1 and the ball.
+    threat = LinfBall(eps)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(64, 3, 5, 5, generator=g)
+    x[:, :, 0] = 0.0
+    x[:, :, 1] = 1.0
+    x_adv = threat.random_init(x, g)
+    grad = torch.randn(x.shape, generator=g)
+    grad[:, 0, 2] = 0.0  # sign 0: the pixel stays
+    textbook = threat.project(threat.step(x_adv, grad, 0.07), x)
+    fused = threat.advance(x_adv.clone(), grad, 0.07, x, threat.bounds(x))
+    assert torch.allclose(fused, textbook, atol=1e-7, rtol=0)
+    assert fused.min() >= 0 and fused.max() <= 1
+    assert (threat.distance(fused, x) <= eps + 1e-6).all()
+    # without precomputed bounds it computes them, and the gradient is left as it was
+    kept = grad.clone()
+    assert torch.equal(threat.advance(x_adv.clone(), grad, 0.07, x), fused)
+    assert torch.equal(grad, kept)
+
+
+def test_l2_update_is_step_then_projection():
+    threat = L2Ball(0.5)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(8, 1, 8, 8, generator=g)
+    x_adv, grad = threat.random_init(x, g), torch.randn(x.shape, generator=g)
+    expect = threat.project(threat.step(x_adv, grad, 0.3), x)
+    assert torch.equal(threat.advance(x_adv, grad, 0.3, x, threat.bounds(x)), expect)
+
+
 def test_pgd_raises_the_loss_and_targeted_lowers_target_energy_gap():
     from jeat.energy import cross_entropy_from_logits
 

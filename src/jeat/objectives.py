@@ -232,13 +232,14 @@ class TRADES(_AdversarialMixin, Objective):
             with torch.no_grad():
                 clean = as_logits(model(x))
             x_adv = (x + 0.001 * torch.randn_like(x)).clamp_(0.0, 1.0)
+            bounds = threat.bounds(x)
             with torch.enable_grad():
                 for _ in range(attack.steps):
                     x_adv.requires_grad_(True)
                     kl = kl_divergence_from_logits(clean, as_logits(model(x_adv))).sum()
                     (grad,) = torch.autograd.grad(kl, x_adv)
                     with torch.no_grad():
-                        x_adv = threat.project(threat.step(x_adv, grad, attack.step_size), x)
+                        x_adv = threat.advance(x_adv, grad, attack.step_size, x, bounds)
         return x_adv.detach()
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:

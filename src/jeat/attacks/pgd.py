@@ -157,11 +157,13 @@ class PGD:
     ) -> Tensor:
         threat = self.threat
         x_adv = threat.random_init(x, generator) if self.random_start else x.clone()
+        bounds = threat.bounds(x)
         keep = self.keep_success
         if keep:
             found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             best = x.clone()
         for _ in range(self.steps):
+            # A no-op after the first step when the threat updates the leaf in place.
             x_adv.requires_grad_(True)
             logits = logits_of(model, x_adv)
             loss = loss_fn(logits, y, target).sum()
@@ -169,7 +171,7 @@ class PGD:
             with torch.no_grad():
                 if keep:
                     self._record(logits, y, target, x_adv, found, best)
-                x_adv = threat.project(threat.step(x_adv, grad, self.step_size), x)
+                x_adv = threat.advance(x_adv, grad, self.step_size, x, bounds)
         x_adv = x_adv.detach()
         if not keep:
             return x_adv

@@ -59,6 +59,18 @@ class ThreatModel(ABC):
         """Project onto the eps-ball around ``x`` intersected with the [0, 1] box."""
         return (x + self.project_delta(x_adv - x)).clamp_(0.0, 1.0)
 
+    def bounds(self, x: Tensor) -> object:
+        """Whatever :meth:`advance` can precompute once per attack from the clean ``x``."""
+        return None
+
+    def advance(
+        self, x_adv: Tensor, grad: Tensor, step_size: float, x: Tensor, bounds: object = None
+    ) -> Tensor:
+        """The PGD update: :meth:`step` then :meth:`project`. It may write into ``x_adv``
+        (which the attack loops own) and returns the new iterate; ``bounds`` is what
+        :meth:`bounds` gave for ``x``."""
+        return self.project(self.step(x_adv, grad, step_size), x)
+
     def with_eps(self, eps: float) -> ThreatModel:
         """The same kind of threat with another budget."""
         return type(self)(eps)
@@ -82,6 +94,18 @@ class LinfBall(ThreatModel):
 
     def project_delta(self, delta: Tensor) -> Tensor:
         return delta.clamp(-self.eps, self.eps)
+
+    def bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The per-pixel box ``[max(x - eps, 0), min(x + eps, 1)]``: the L-inf ball intersected
+        with [0, 1], so a projection is one clamp."""
+        return (x - self.eps).clamp_(min=0.0), (x + self.eps).clamp_(max=1.0)
+
+    def advance(
+        self, x_adv: Tensor, grad: Tensor, step_size: float, x: Tensor, bounds: object = None
+    ) -> Tensor:
+        # In place, in three kernels (sign, add, clamp) instead of the seven of step + project.
+        lo, hi = bounds if bounds is not None else self.bounds(x)  # type: ignore[misc]
+        return x_adv.add_(grad.sign(), alpha=step_size).clamp_(min=lo, max=hi)
 
     def distance(self, x_adv: Tensor, x: Tensor) -> Tensor:
         return (x_adv - x).flatten(1).abs().amax(dim=1)
