@@ -651,6 +651,9 @@ def _eps(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from jeat.accel import tune_host_allocator
+
+    tune_host_allocator()  # reuse freed host memory (opt out: JEAT_MALLOC=system)
     try:
         return int(args.func(args) or 0)
     except JeatError as exc:
