@@ -15,7 +15,9 @@ in an order rotated from round to round, after one untimed warm-up round; median
 Each row gets images per second, its time ratio to (a) (below 1: faster), and a peak-memory
 column: on CUDA the peak allocated memory, on the CPU the host peak RSS above the RSS before
 the call. The headline is ours / torchattacks = time of (a) / time of torchattacks (target:
-<= 1.0 on the CPU).
+<= 1.0 on the CPU): the ratio of the medians, and the median of the per-round ratios with a
+95% bootstrap interval. The process runs with :func:`jeat.accel.tune_host_allocator` (as the
+``jeat`` command does; it applies to both libraries alike) unless ``--allocator system``.
 
 Models (untrained weights: the cost of PGD does not depend on them):
 
@@ -56,11 +58,13 @@ from common import (
     memory_label,
     mib,
     num,
+    paired_ratio,
+    ratio_text,
     write_outputs,
 )
 from torch import Tensor, nn
 
-from jeat.accel import Accelerator
+from jeat.accel import Accelerator, tune_host_allocator
 from jeat.attacks import PGD, LinfBall
 from jeat.data import dataset_info, load_dataset
 from jeat.models import create_model
@@ -143,7 +147,18 @@ def summarise(name: str, x: Tensor, timings: dict[str, Measured]) -> dict[str, A
     out: dict[str, Any] = {"model": name, "batch": list(x.shape), "steps": STEPS, "rows": rows}
     if base is not None:
         out["ours_over_torchattacks"] = base / timings[TORCHATTACKS].median
+        out["ours_over_torchattacks_paired"] = paired_ratio(timings["a"], timings[TORCHATTACKS])
     return out
+
+
+def _headline(block: dict[str, Any]) -> str:
+    """Ratio of medians, then the median per-round ratio with its 95% bootstrap interval."""
+    p = block["ours_over_torchattacks_paired"]
+    return (
+        f"{block['ours_over_torchattacks']:.3f} (ratio of medians); per-round median "
+        f"{ratio_text(p)} ({p['level']:.0%} CI, {p['rounds']} rounds, "
+        f"{p['rounds_below_1']} with ours faster)"
+    )
 
 
 def _log(line: str) -> None:
@@ -157,7 +172,7 @@ def table(results: dict[str, Any]) -> str:
         shape = "x".join(map(str, block["batch"]))
         head = f"**{block['model']}**, PGD-{block['steps']}, batch {shape}"
         if "ours_over_torchattacks" in block:
-            head += f": ours / torchattacks = {block['ours_over_torchattacks']:.2f}"
+            head += f": ours / torchattacks = {_headline(block)}"
         rows = []
         for r in block["rows"]:
             ratio = r["time_ratio_to_a"]
@@ -188,8 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--variants", default="a,b,c,d,e", help="rows of ours (a-e); torchattacks always runs"
     )
+    p.add_argument(
+        "--allocator",
+        choices=["tuned", "system"],
+        default="tuned",
+        help="host malloc as the jeat command runs it (tuned) or glibc's defaults (system)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.allocator == "tuned":
+        tune_host_allocator(force=True)
     device = resolve_device(args.device)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if unknown := [v for v in variants if v not in VARIANTS]:
@@ -248,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         block = bench_model(name, model, x, y, eps, device, variants, repeats)
         results["models"].append(block)
         if "ours_over_torchattacks" in block:
-            print(f"{name}: ours / torchattacks = {block['ours_over_torchattacks']:.2f}")
+            print(f"{name}: ours / torchattacks = {_headline(block)}")
     text = table(results)
     print(text)
     if args.out:

@@ -270,6 +270,36 @@ class Measured:
         return statistics.median(self.seconds)
 
 
+def paired_ratio(
+    num: Measured, den: Measured, level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> dict[str, float | int]:
+    """The time ratio ``num / den`` from interleaved rounds: the median of the per-round ratios
+    (round ``r`` of both ran back to back, so a slow spell of the machine hits both alike),
+    with a percentile-bootstrap confidence interval for that median over the rounds."""
+    ratios = [a / b for a, b in zip(num.seconds, den.seconds, strict=True)]
+    if not ratios:
+        raise JeatError("paired_ratio needs at least one timed round")
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.tensor(ratios, dtype=torch.float64)
+    idx = torch.randint(0, len(ratios), (resamples, len(ratios)), generator=gen)
+    medians = r[idx].median(dim=1).values  # torch's lower median; fine for an interval
+    tail = (1 - level) / 2
+    lo, hi = torch.quantile(medians, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return {
+        "median": statistics.median(ratios),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "level": level,
+        "rounds": len(ratios),
+        "rounds_below_1": sum(x < 1 for x in ratios),
+    }
+
+
+def ratio_text(stat: dict[str, float | int]) -> str:
+    """``0.99 [0.97, 1.02]`` (median of per-round ratios and its confidence interval)."""
+    return f"{stat['median']:.3f} [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]"
+
+
 def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int | None]:
     """Seconds of one call of ``fn`` (device synchronised before and after) and its peak memory."""
     with PeakMemory(device) as mem:
