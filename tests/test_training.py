@@ -92,6 +92,30 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert [json.loads(r)["epoch"] for r in rows] == list(range(1, 11))
 
 
+def test_stop_after_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """``stop_after`` keeps the whole run's schedule: epoch by epoch it ends where one call
+    does, and a stopped run has a checkpoint but no model.pt (the final steps did not run)."""
+    whole = train(_tiny(), tmp_path / "whole")
+    part = train(_tiny(), tmp_path / "part", stop_after=1)
+    assert [r["epoch"] for r in part.metrics] == [1] and part.eval is None
+    paths = RunPaths(tmp_path / "part")
+    assert paths.checkpoint.exists() and not paths.model.exists()
+    assert load_checkpoint(paths.checkpoint)["epoch"] == 1
+    part = train(_tiny(), tmp_path / "part", resume=True, stop_after=3)
+    assert part.resumed_from_epoch == 1 and [r["epoch"] for r in part.metrics] == [1, 2, 3]
+    assert not paths.model.exists()
+    done = train(_tiny(), tmp_path / "part", resume=True, stop_after=9)  # past the end: finish
+    assert paths.model.exists() and [r["epoch"] for r in done.metrics] == [1, 2, 3, 4]
+    assert _states_equal(whole.model.state_dict(), done.model.state_dict())
+    rows = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    lr = [json.loads(x)["lr"] for x in rows]
+    assert [r["lr"] for r in done.metrics] == lr
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(JeatError, match="stop_after must be an epoch number"):
+            train(_tiny(), tmp_path / "bad", stop_after=bad)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resume_with_changed_settings_is_refused(tmp_path):
     train(_tiny(["epochs=1"]), tmp_path / "r")
     with pytest.raises(JeatError, match="different config.*optim"):

@@ -57,7 +57,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{cfg.data.name}-{cfg.objective.name}-s{cfg.seed}")
     from jeat.distributed import from_env
 
-    result = train(cfg, out, resume=args.resume, argv=["jeat", *sys.argv[1:]])
+    result = train(
+        cfg, out, resume=args.resume, argv=["jeat", *sys.argv[1:]], stop_after=args.stop_after
+    )
     if from_env().is_main:
         print(f"run folder: {result.paths.root}")
     return 0
@@ -489,6 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--out", help="run folder (default: runs/DATASET-OBJECTIVE-sSEED)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="EPOCH",
+        help="stop once this epoch is checkpointed (same schedule; continue with --resume)",
+    )
     t.add_argument("--dataset")
     t.add_argument("--model")
     t.add_argument("--objective")

@@ -518,12 +518,22 @@ def train(
     resume: bool = False,
     data: ImageDataset | None = None,
     argv: list[str] | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train (or resume) a run into folder ``out``; see the module docstring for its layout.
 
     If a fresh run fails before its first checkpoint (an error, a NaN loss, Ctrl-C), the files
     it created are removed again, so a corrected re-run can use the same folder.
+
+    ``stop_after=k`` stops once epoch ``k`` of the ``cfg.epochs`` is done and checkpointed,
+    without the final steps (no ``model.pt``): the learning-rate schedule stays that of the
+    whole run, and ``resume=True`` later goes on exactly as if the run had not stopped (for
+    time-limited cluster jobs, and for benchmarks that interleave runs epoch by epoch).
     """
+    if stop_after is not None and (
+        isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1
+    ):
+        raise JeatError(f"stop_after must be an epoch number >= 1, got {stop_after!r}")
     out = Path(out)
     ctx, device = distributed.setup(cfg.device)
     try:
@@ -540,13 +550,18 @@ def train(
             else:
                 loop.start(argv)
             loop.open_tensorboard(payload is not None)
-            loop.fit()
+            loop.fit(cfg.epochs if stop_after is None else min(stop_after, cfg.epochs))
         except BaseException:
             loop.close_tensorboard()
             if ctx.is_main and payload is None and not loop.paths.checkpoint.exists():
                 loop.remove_new_files(existed)
             raise
         loop.close_tensorboard()
+        if stop_after is not None and stop_after < cfg.epochs:
+            resumed_from = loop.start_epoch if payload is not None else None
+            if ctx.is_main:
+                print(f"stopped after epoch {stop_after} of {cfg.epochs}; continue with resume")
+            return TrainResult(loop.paths, loop.model, loop.metrics, None, resumed_from)
         return loop.finish(resumed=payload is not None)
     finally:
         distributed.teardown(ctx)
@@ -746,13 +761,13 @@ class _Loop:
         self.good = copy.deepcopy(state)
 
     # ----------------------------------------------------------------- training
-    def fit(self) -> None:
-        """Run the remaining epochs, rolling back to the last good state on a divergence."""
+    def fit(self, end: int) -> None:
+        """Run the epochs up to ``end``, rolling back to the last good state on a divergence."""
         self.good = copy.deepcopy(self.state(self.start_epoch, self.start_step))
         epoch, step = self.start_epoch, self.start_step
-        while epoch < self.cfg.epochs:
+        while epoch < end:
             try:
-                for e in range(epoch, self.cfg.epochs):
+                for e in range(epoch, end):
                     self.epoch(e, step if e == epoch else 0)
                 return
             except _Divergence as div:
