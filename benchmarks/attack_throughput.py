@@ -52,6 +52,7 @@ import torch
 from common import (
     Measured,
     device_line,
+    emit,
     interleaved,
     machine,
     markdown_table,
@@ -60,7 +61,6 @@ from common import (
     num,
     paired_ratio,
     ratio_text,
-    write_outputs,
 )
 from torch import Tensor, nn
 
@@ -272,10 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         results["models"].append(block)
         if "ours_over_torchattacks" in block:
             print(f"{name}: ours / torchattacks = {_headline(block)}")
-    text = table(results)
-    print(text)
-    if args.out:
-        write_outputs(args.out, results, text)
+    emit(results, table(results), args.out)
     return 0
 
 

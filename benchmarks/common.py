@@ -17,6 +17,7 @@ import json
 import platform
 import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -432,6 +433,30 @@ def cifar_or_digits(data_dir: str | Path) -> ImageDataset:
             "(pass --data-dir to the folder holding cifar-10-batches-py)"
         )
         return load_dataset("digits")
+
+
+def emit(results: dict[str, Any], table: str, out: str | Path | None) -> None:
+    """Print a benchmark's table and, with ``--out``, write its results there."""
+    print(table)
+    if out:
+        write_outputs(out, results, table)
+
+
+@contextlib.contextmanager
+def work_folder(work: str | Path | None, prefix: str) -> Iterator[Path]:
+    """The folder a benchmark trains its runs in: ``work`` (which must not exist yet, and is
+    kept), or a temporary folder removed afterwards."""
+    if work:
+        folder = Path(work)
+        if folder.exists():
+            raise SystemExit(f"--work {folder} exists; give a new folder")
+        yield folder
+        return
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_outputs(out: str | Path, results: dict[str, Any], table: str) -> Path:

@@ -36,10 +36,8 @@ Usage (the H100 command for the issue's target)::
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +48,7 @@ from common import (
     PeakMemory,
     cifar_or_digits,
     device_line,
+    emit,
     machine,
     markdown_table,
     memory_label,
@@ -58,7 +57,7 @@ from common import (
     quiet_stdout,
     ratio_text,
     rotated,
-    write_outputs,
+    work_folder,
 )
 
 from jeat.accel import Accelerator
@@ -238,18 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs = load_config(args.config).epochs if device.type == "cuda" else 3
     if args.eval_n:
         args.set.append(f"eval.n={args.eval_n}")
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="jeat-fast-path-"))
-    if args.work and work.exists() and any(work.iterdir()):
-        p.error(f"--work {work} is not empty")
-    try:
+    with work_folder(args.work, "jeat-fast-path-") as work:
         results = run(args, data, work)
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
-    text = table(results)
-    print(text)
-    if args.out:
-        write_outputs(args.out, results, text)
+    emit(results, table(results), args.out)
     return 0
 
 

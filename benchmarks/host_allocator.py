@@ -42,13 +42,13 @@ from common import (
     LEAN_OVERRIDES,
     ROOT,
     Measured,
+    emit,
     machine,
     markdown_table,
     paired_ratio,
     quiet_stdout,
     ratio_text,
     rotated,
-    write_outputs,
 )
 
 MODES = ("system", "tuned")
@@ -194,10 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             for t in tasks
         },
     }
-    text = table(results)
-    print(text)
-    if args.out:
-        write_outputs(args.out, results, text)
+    emit(results, table(results), args.out)
     return 0
 
 

@@ -36,9 +36,7 @@ Usage (the command that produced ``benchmarks/results/scaling/``)::
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +49,7 @@ from common import (
     cifar_or_digits,
     count_flops,
     device_line,
+    emit,
     interleaved,
     machine,
     markdown_table,
@@ -59,7 +58,7 @@ from common import (
     num,
     peak_flops,
     quiet_stdout,
-    write_outputs,
+    work_folder,
 )
 
 from jeat.config import load_config
@@ -323,17 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         sizes = sorted({min(n, len(data.x_train)) for n in sizes})
         if len(sizes) < 2:
             p.error("the fit needs at least two distinct sizes")
-        tmp = Path(tempfile.mkdtemp(prefix="jeat-scaling-"))
-        try:
+        with work_folder(None, "jeat-scaling-") as tmp:
             results["dataset"] = dataset_scaling(args, data, sizes, tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     if "models" in parts:
         results["models"] = model_scaling(args, models)
-    text = table(results)
-    print(text)
-    if args.out:
-        write_outputs(args.out, results, text)
+    emit(results, table(results), args.out)
     return 0
 
 

@@ -46,10 +46,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +63,7 @@ from common import (
     cifar_or_digits,
     count_flops,
     device_line,
+    emit,
     machine,
     markdown_table,
     memory_label,
@@ -73,7 +72,7 @@ from common import (
     peak_flops,
     quiet_stdout,
     rotated,
-    write_outputs,
+    work_folder,
 )
 from torch import Tensor
 
@@ -407,21 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         data = cifar_or_digits(args.data_dir)
         if args.train_size is None and device.type != "cuda":
             args.train_size = 1024
-    if args.work:
-        work = Path(args.work)
-        if work.exists():
-            p.error(f"--work {work} exists; give a new folder")
+    with work_folder(args.work, "jeat-train-throughput-") as work:
         results = run(args, data, work)
-    else:
-        tmp = Path(tempfile.mkdtemp(prefix="jeat-train-throughput-"))
-        try:
-            results = run(args, data, tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    text = table(results)
-    print(text)
-    if args.out:
-        write_outputs(args.out, results, text)
+    emit(results, table(results), args.out)
     return 0
 
 
