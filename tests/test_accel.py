@@ -187,17 +187,24 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, digit
 
 
 _FAULTS = """
-import resource, sys, torch
+import ctypes, ctypes.util, resource
 from jeat.accel import tune_host_allocator
 tuned = tune_host_allocator()
-def churn():  # four 16 MiB activations alive at once, then freed: a step's pattern
-    ts = [torch.empty(4 * 2**20).fill_(1.0) for _ in range(4)]
-    del ts
-for _ in range(3):  # the heap settles after a few steps
-    churn()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 16 * 2**20
+def step():  # four activation-sized buffers written, then freed: one step's pattern
+    ptrs = [libc.malloc(SIZE) for _ in range(4)]
+    for p in ptrs:
+        ctypes.memset(p, 1, SIZE)
+    for p in ptrs:
+        libc.free(p)
+for _ in range(3):
+    step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
-    churn()
+    step()
 print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -207,8 +214,12 @@ print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     reason="the host-allocator setting is for Linux with glibc",
 )
 def test_tuned_host_allocator_stops_refaulting_freed_buffers():
-    """With glibc's defaults, freeing a step's worth of large buffers trims them from the heap
-    and the next step faults every page in again; tuned, they are reused without faults."""
+    """A step's pattern straight on glibc's malloc in a fresh process: four 16 MiB buffers
+    written, then freed. With glibc's defaults the freed top of the heap is trimmed and every
+    later step faults all its pages in again (163,520 faults over ten steps, every run); tuned,
+    the pages are kept and reused (0). Calling malloc directly keeps the heap's layout free of
+    the small allocations that make a torch-level count vary from run to run; what the setting
+    does for real attacks and epochs is measured in benchmarks/host_allocator.py."""
 
     def run(malloc):
         env = {**os.environ, "JEAT_MALLOC": malloc}
@@ -221,6 +232,6 @@ def test_tuned_host_allocator_stops_refaulting_freed_buffers():
     skipped, system = run("system")
     assert applied and not skipped
     pages = 10 * 4 * 16 * 2**20 // 4096  # every page of every buffer of the ten steps
-    print(f"\nminor page faults over 10 steps: system {system}, tuned {tuned} (of {pages} pages)")
+    print(f"\nminor page faults over ten steps: system {system}, tuned {tuned} (of {pages} pages)")
     assert system > pages // 2
-    assert tuned < pages // 50
+    assert tuned < pages // 100
