@@ -100,16 +100,21 @@ def run(args: argparse.Namespace, data: ImageDataset, work: Path) -> dict[str, A
     cuda = device.type == "cuda"
     variants = [EAGER, FAST]
     cfgs = {v: make_cfg(args, v, cuda) for v in variants}
+    perf = {v: cfgs[v].perf for v in variants}
+    desc = {
+        v: Accelerator.create(device, p.amp, p.channels_last, p.compile).describe()
+        for v, p in perf.items()
+    }
     for v in variants:
-        p = cfgs[v].perf
-        desc = Accelerator.create(device, p.amp, p.channels_last, p.compile).describe()
-        _log(f"{v}: {desc}")
+        _log(f"{v}: {desc[v]}")
     measured = {v: Measured() for v in variants}
+    last: dict[str, dict[str, Any]] = {}
     for e in range(args.epochs):
         for v in rotated(variants, e):
             with PeakMemory(device) as mem, quiet_stdout():
                 result = train(cfgs[v], work / v, resume=e > 0, data=data, stop_after=e + 1)
-            seconds = float(result.metrics[-1]["epoch_seconds"])
+            last[v] = result.metrics[-1]
+            seconds = float(last[v]["epoch_seconds"])
             measured[v].add(seconds, mem.peak)
             _log(f"  epoch {e + 1}/{args.epochs}: {v} {seconds:.2f}s")
 
@@ -123,11 +128,10 @@ def run(args: argparse.Namespace, data: ImageDataset, work: Path) -> dict[str, A
             cfg, model, data, attacks=["clean", "pgd20"], mode="independent", seed=args.seed
         )
         acc = {r.attack: r.accuracy for r in res.rows}
-        p = cfgs[v].perf
         rows.append(
             {
                 "variant": v,
-                "perf": Accelerator.create(device, p.amp, p.channels_last, p.compile).describe(),
+                "perf": desc[v],
                 "epoch_seconds": measured[v].seconds,
                 "median_epoch_s": statistics.median(timed[v].seconds),
                 "images_per_s": len(data.x_train) / statistics.median(timed[v].seconds),
@@ -135,7 +139,7 @@ def run(args: argparse.Namespace, data: ImageDataset, work: Path) -> dict[str, A
                 "clean_acc": acc.get("clean"),
                 "pgd20_acc": acc.get("pgd20"),
                 "eval_n": res.n,
-                "last_train_metrics": result_metrics(work / v),
+                "last_train_metrics": last[v],
             }
         )
     by = {r["variant"]: r for r in rows}
@@ -165,14 +169,6 @@ def run(args: argparse.Namespace, data: ImageDataset, work: Path) -> dict[str, A
             "note": "the issue's targets are for an H100 on the CIFAR-10 subset",
         },
     }
-
-
-def result_metrics(root: Path) -> dict[str, Any]:
-    """The last row of a run's ``metrics.jsonl`` (train loss and accuracy of its last epoch)."""
-    import json
-
-    lines = (root / "metrics.jsonl").read_text().splitlines()
-    return json.loads(lines[-1]) if lines else {}
 
 
 def table(results: dict[str, Any]) -> str:
