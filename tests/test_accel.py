@@ -141,7 +141,7 @@ def test_amp_choices():
     assert Accelerator.create(CPU).describe() == "fp32, contiguous"
 
 
-def _run(tmp_path, name, extra, digits, epochs=3):
+def _run(tmp_path, name, extra, digits, epochs=8):
     cfg = load_config(
         "digits-standard",
         [
@@ -157,23 +157,38 @@ def _run(tmp_path, name, extra, digits, epochs=3):
     return train(cfg, tmp_path / name, data=digits)
 
 
-def test_bf16_training_runs_in_bf16_and_learns_as_well_as_fp32(tmp_path, digits):
-    fp32 = _run(tmp_path, "fp32", [], digits)
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory, digits):
+    """8 epochs of fp32 contiguous training: the reference of the bf16 and layout tests.
+    (After 3 epochs the digits models were still at 73-83% and two runs that differ only in
+    rounding ended up to 5 points apart; after 8 they are at 93-96%.)"""
+    return _run(tmp_path_factory.mktemp("fp32"), "fp32", [], digits)
+
+
+def test_bf16_training_runs_in_bf16_and_learns_as_well_as_fp32(tmp_path, digits, fp32_run):
     bf16 = _run(tmp_path, "bf16", ["perf.amp=bf16"], digits)
-    a, b = fp32.model.state_dict(), bf16.model.state_dict()
+    a, b = fp32_run.model.state_dict(), bf16.model.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)  # autocast really changed the maths
     assert all(v.dtype == torch.float32 for v in b.values())  # weights stay fp32
-    acc32, acc16 = fp32.metrics[-1]["test_clean_acc"], bf16.metrics[-1]["test_clean_acc"]
-    assert acc16 >= acc32 - 3 and acc32 > 75  # 83.1 / 82.8 here
+    acc32, acc16 = fp32_run.metrics[-1]["test_clean_acc"], bf16.metrics[-1]["test_clean_acc"]
+    # seeds 0-7 on a CPU with native bf16: 92.8-96.1% in fp32, bf16 within 1.1 points
+    assert acc16 >= acc32 - 3 and acc32 > 90, (acc32, acc16)
 
 
-def test_channels_last_trains_the_same_model(tmp_path, digits):
-    plain = _run(tmp_path, "plain", [], digits, epochs=2)
-    nhwc = _run(tmp_path, "nhwc", ["perf.channels_last=true"], digits, epochs=2)
+def test_channels_last_trains_the_same_model(tmp_path, digits, fp32_run):
+    """One optimiser step from the same weights agrees to float rounding (the layout changes
+    only the order of the sums). Adam turns such rounding differences into lr-sized steps for
+    weights whose gradient is near zero, so whole runs are compared by what they learn."""
+    one = ["data.train_subset=64"]  # one batch: one step
+    plain = _run(tmp_path, "plain-1", one, digits, epochs=1)
+    nhwc = _run(tmp_path, "nhwc-1", [*one, "perf.channels_last=true"], digits, epochs=1)
     convs = [p for p in nhwc.model.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     a, b = plain.model.state_dict(), nhwc.model.state_dict()
-    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-3
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-4  # 1.5e-6
+    full = _run(tmp_path, "nhwc", ["perf.channels_last=true"], digits)
+    acc, acc_cl = fp32_run.metrics[-1]["test_clean_acc"], full.metrics[-1]["test_clean_acc"]
+    assert abs(acc_cl - acc) <= 1.5, (acc, acc_cl)  # seeds 0-7: within 0.3 points
 
 
 def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, digits):
