@@ -44,27 +44,33 @@ def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+def compare_one_and_two_processes(tmp_path, device: str = "cpu", tol: float = 1e-5) -> None:
     """PGD-AT without random start and without augmentation is deterministic, so two ranks that
     each take half of every global batch must reach the one-process weights up to float
-    summation order. 400 images in batches of 64 end with a batch of 16 (8 per rank)."""
+    summation order (``tol``, relative to the largest weight). 400 images in batches of 64 end
+    with a batch of 16 (8 per rank). gloo on the CPU, NCCL on CUDA."""
     args = ["--epochs", "2", "--set", "objective.attack.random_start=false",
-            "--set", "data.augment=false", "--set", "eval.epoch_n=50"]  # fmt: skip
+            "--set", "data.augment=false", "--set", "eval.epoch_n=50",
+            "--device", device]  # fmt: skip
     _train(tmp_path / "one", *args)
     r = _train(tmp_path / "two", *args, procs=2)
     assert r.stdout.count("run folder:") == 1  # rank 0 alone reports and writes
     one, _, _ = load_trained(tmp_path / "one")
     two, _, _ = load_trained(tmp_path / "two")
     scale = max(float(p.abs().max()) for p in one.parameters())
-    assert _max_diff(one, two) <= 1e-5 * scale
+    assert _max_diff(one, two) <= tol * scale
     m1, m2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [m["step"] for m in m2] == [m["step"] for m in m1] == [7, 14]
     for a, b in zip(m1, m2, strict=True):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)  # reduced over ranks
-        assert b["train_acc"] == pytest.approx(a["train_acc"], abs=1e-6)
-        assert b["test_clean_acc"] == a["test_clean_acc"]
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=tol)  # reduced over ranks
+        assert b["train_acc"] == pytest.approx(a["train_acc"], abs=1e-6 if tol <= 1e-5 else 1.0)
+        assert abs(b["test_clean_acc"] - a["test_clean_acc"]) <= (0 if tol <= 1e-5 else 2.0)
     info = json.loads((tmp_path / "two" / "run.json").read_text())
     assert info["world_size"] == 2
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    compare_one_and_two_processes(tmp_path)
 
 
 def test_per_rank_replay_buffers_are_checkpointed_and_resume_exactly(tmp_path):
