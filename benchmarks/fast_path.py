@@ -30,6 +30,11 @@ Usage (the H100 command for the issue's target)::
     python benchmarks/fast_path.py --device cuda --data-dir ../shared/data \\
         --out benchmarks/results/fast_path
 
+``--budget-s S`` fits the run into about ``S`` seconds (a GPU lease is short): both paths
+first train two throw-away epochs (which also pays the compilation, cached for the real run),
+and their second-epoch times set the number of epochs, at most the config's and at least 2;
+the schedule is that of the chosen epochs, and the results say how the number was chosen.
+
 ``--quick`` is a smoke run on the digits (2 epochs, 64 test points, no compile).
 """
 
@@ -38,6 +43,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +87,11 @@ def perf_overrides(args: argparse.Namespace) -> dict[str, list[str]]:
     }
 
 
-def make_cfg(args: argparse.Namespace, variant: str, cuda: bool) -> TrainConfig:
-    o = [*LEAN_OVERRIDES, f"epochs={args.epochs}", f"seed={args.seed}", f"device={args.device}"]
+def make_cfg(
+    args: argparse.Namespace, variant: str, cuda: bool, epochs: int | None = None
+) -> TrainConfig:
+    epochs = args.epochs if epochs is None else epochs
+    o = [*LEAN_OVERRIDES, f"epochs={epochs}", f"seed={args.seed}", f"device={args.device}"]
     model = args.model or ("preact_resnet18" if cuda else None)
     if model:
         o += [f"model.name={model}", "model.options={}"]
@@ -95,10 +104,40 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def epochs_for_budget(
+    args: argparse.Namespace, data: ImageDataset, work: Path, cuda: bool
+) -> dict[str, Any]:
+    """Two throw-away epochs of each path; the number of epochs of both paths that fits the
+    rest of ``args.budget_s`` (one round of margin for the final evaluations), between 2 and
+    ``args.epochs``."""
+    start = time.perf_counter()
+    second: dict[str, float] = {}
+    for v in (EAGER, FAST):
+        with quiet_stdout():
+            result = train(make_cfg(args, v, cuda, epochs=2), work / f"calibrate-{v}", data=data)
+        second[v] = float(result.metrics[-1]["epoch_seconds"])
+        _log(f"calibration: {v} {second[v]:.2f}s per epoch")
+    spent = time.perf_counter() - start
+    per_round = sum(second.values())
+    fits = int((args.budget_s - spent - per_round) // per_round)
+    return {
+        "budget_s": args.budget_s,
+        "calibration_s": spent,
+        "second_epoch_s": second,
+        "epochs_that_fit": fits,
+        "epochs": max(2, min(args.epochs, fits)),
+    }
+
+
 def run(args: argparse.Namespace, data: ImageDataset, work: Path) -> dict[str, Any]:
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     variants = [EAGER, FAST]
+    budget = None
+    if args.budget_s:
+        budget = epochs_for_budget(args, data, work, cuda)
+        _log(f"budget {args.budget_s:.0f}s: {budget['epochs']} epochs (config: {args.epochs})")
+        args.epochs = budget["epochs"]
     cfgs = {v: make_cfg(args, v, cuda) for v in variants}
     perf = {v: cfgs[v].perf for v in variants}
     desc = {
@@ -156,6 +195,7 @@ def run(args: argparse.Namespace, data: ImageDataset, work: Path) -> dict[str, A
         "model_options": cfg0.model.options,
         "batch_size": cfg0.batch_size,
         "epochs": args.epochs,
+        "epochs_from_budget": budget,
         "args": vars(args),
         "rows": rows,
         "speedup_paired": speed,
@@ -169,6 +209,15 @@ def run(args: argparse.Namespace, data: ImageDataset, work: Path) -> dict[str, A
             "note": "the issue's targets are for an H100 on the CIFAR-10 subset",
         },
     }
+
+
+def budget_text(budget: dict[str, Any] | None) -> str:
+    if not budget:
+        return ""
+    return (
+        f" (what fitted a {budget['budget_s']:.0f} s budget after a "
+        f"{budget['calibration_s']:.0f} s calibration)"
+    )
 
 
 def table(results: dict[str, Any]) -> str:
@@ -190,7 +239,8 @@ def table(results: dict[str, Any]) -> str:
     head = (
         f"{results['dataset']}, {results['train_images']} training images, "
         f"{results['model']} {results['model_options']}, batch {results['batch_size']}, "
-        f"{results['epochs']} epochs, on {results['device']}; eval on "
+        f"{results['epochs']} epochs{budget_text(results['epochs_from_budget'])}, "
+        f"on {results['device']}; eval on "
         f"{results['rows'][0]['eval_n']} test points\n\n"
         f"speed-up fp32 eager / fast = {ratio_text(results['speedup_paired'])} "
         f"(median per-epoch ratio, 95% CI; ratio of medians "
@@ -217,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="the fast path without compile")
     p.add_argument("--eval-n", type=int, help="test points for the evaluation (eval.n)")
     p.add_argument("--set", action="append", default=[], help="extra config override KEY=VALUE")
+    p.add_argument(
+        "--budget-s", type=float, help="fit the run into about this many seconds (see above)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", help="keep the runs in this new folder (default: a temp folder)")
     args = p.parse_args(argv)
