@@ -10,6 +10,8 @@ device as well as fp32 does, and that evaluation on the device agrees with the C
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import FAST
@@ -102,6 +104,39 @@ def test_cuda_training_set_lives_on_the_device_or_travels_pinned(digits, monkeyp
     torch.cuda.synchronize()
     assert xa.device.type == xb.device.type == "cuda"
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def _syncs(fn) -> int:
+    """How many times ``fn`` makes the host wait for the device (CUDA's sync detector)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in seen)
+
+
+@pytest.mark.parametrize("objective", ["standard", "pgd-at", "trades"])
+def test_cuda_training_step_waits_for_the_device_once(tmp_path, digits, objective):
+    """A training step reads its loss, accuracy and energies back in one small tensor (for the
+    log and the divergence check) and waits for the device nowhere else: the syncs of a run of
+    4 steps and one of 2 steps differ by 2 x 1. (The epoch's checkpoint and metrics add their
+    own, equal in both runs.)"""
+
+    def run(name, images):
+        cfg = load_config(
+            "digits-pgdat",
+            [*FAST, "device=cuda", "epochs=1", f"objective.name={objective}",
+             f"data.train_subset={images}", "batch_size=64"],
+        )  # fmt: skip
+        train(cfg, tmp_path / name, data=digits)
+
+    run("warm-up", 128)  # one-time set-up (library handles, allocator pools) outside the count
+    two, four = _syncs(lambda: run("two", 128)), _syncs(lambda: run("four", 256))
+    assert (four - two) / 2 == 1, (two, four)
 
 
 def _train(tmp_path, name, digits, perf):

@@ -595,8 +595,7 @@ class _Loop:
         self.ctx = ctx or DistContext()
         self.main = self.ctx.is_main  # this process writes the run folder
         self.device = device if device is not None else resolve_device(cfg.device)
-        p = cfg.perf
-        self.accel = Accelerator.create(self.device, p.amp, p.channels_last, p.compile)
+        self.accel = Accelerator.from_perf(self.device, cfg.perf)
         self.model = model  # the module whose weights are saved
         net = self.accel.prepare(model)  # on the device; compiled when asked
         self.optimizer = make_optimizer(cfg, self.model)
@@ -820,7 +819,9 @@ class _Loop:
         self.model.train()
         t0 = time.perf_counter()
         order = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch))  # same on every rank
-        perm = torch.randperm(len(self.data.x_train), generator=order)
+        # moved once to where the training set lives, so that taking a batch copies nothing
+        # from the host (a copy from pageable host memory makes the host wait for the device)
+        perm = torch.randperm(len(self.data.x_train), generator=order).to(self.batches.x.device)
         bar = _progress(cfg, spe, first, f"epoch {epoch + 1}/{cfg.epochs}", self.main)
         for step in range(first, spe):
             self.step(epoch, step, perm[step * cfg.batch_size : (step + 1) * cfg.batch_size])
@@ -871,7 +872,7 @@ class _Loop:
         # one host sync per step, and every rank sees the same numbers (and so decides alike)
         b, keys = len(local), sorted(result.metrics)
         parts = [
-            loss.new_tensor(float(b)),
+            loss.detach().float().new_full((), float(b)),  # a fill, not a host-to-device copy
             loss.detach().float() * b,
             (result.logits.argmax(1) == result.y).float().sum(),
             *(result.metrics[k].detach().float() * b for k in keys),
