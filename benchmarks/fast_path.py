@@ -140,10 +140,7 @@ def run(args: argparse.Namespace, data: ImageDataset, work: Path) -> dict[str, A
         args.epochs = budget["epochs"]
     cfgs = {v: make_cfg(args, v, cuda) for v in variants}
     perf = {v: cfgs[v].perf for v in variants}
-    desc = {
-        v: Accelerator.create(device, p.amp, p.channels_last, p.compile).describe()
-        for v, p in perf.items()
-    }
+    desc = {v: Accelerator.from_perf(device, p).describe() for v, p in perf.items()}
     for v in variants:
         _log(f"{v}: {desc[v]}")
     measured = {v: Measured() for v in variants}

@@ -101,7 +101,7 @@ class ReferencePGDAT:
     ) -> None:
         torch.manual_seed(derive_seed(cfg.seed, 0, 0, 0))  # train()'s initial-weight seed
         self.model = build_model(cfg, data.info).to(device)
-        perf = Accelerator.create(device, cfg.perf.amp, cfg.perf.channels_last, cfg.perf.compile)
+        perf = Accelerator.from_perf(device, cfg.perf)
         self.amp, self.channels_last = perf.amp_dtype, perf.channels_last
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -320,7 +320,7 @@ def run(args: argparse.Namespace, data: ImageDataset, work: Path) -> dict[str, A
         "model": cfgs[variants[0]].model.name,
         "model_options": cfgs[variants[0]].model.options,
         "batch_size": cfgs[variants[0]].batch_size,
-        "perf": Accelerator.create(device, perf.amp, perf.channels_last, perf.compile).describe(),
+        "perf": Accelerator.from_perf(device, perf).describe(),
         "epochs": args.epochs,
         "args": vars(args),
         "rows": rows,

@@ -139,6 +139,13 @@ def test_amp_choices():
     acc = Accelerator.create(CPU, "bf16", channels_last=True)
     assert acc.describe() == "bf16, channels-last"
     assert Accelerator.create(CPU).describe() == "fp32, contiguous"
+    cuda = Accelerator.create(torch.device("cuda"), "fp32")  # resolving needs no GPU
+    assert cuda.channels_last and cuda.cudnn_benchmark and not cuda.compile
+    assert cuda.describe() == "fp32, channels-last, cuDNN autotuned"
+    assert not Accelerator.create(CPU).cudnn_benchmark
+    over = ["perf.cudnn_benchmark=false", "perf.compile=true", "perf.amp=fp32"]
+    off = Accelerator.from_perf(torch.device("cuda"), load_config("digits-pgdat", over).perf)
+    assert off.compile and not off.cudnn_benchmark and off.amp_dtype is None
 
 
 def _run(tmp_path, name, extra, digits, epochs=8):

@@ -17,6 +17,11 @@ is on where it pays and off where it does not:
   batch use the NHWC layout that tensor-core convolutions want.
 * ``perf.compile``: ``torch.compile`` the network for the training step (off by default: the
   first steps pay the compile time). The saved weights are always those of the plain module.
+* ``perf.cudnn_benchmark``: ``auto`` (on for CUDA), ``true`` or ``false``: cuDNN times its
+  convolution algorithms at the first call of each input shape and keeps the fastest (training
+  batches have fixed shapes, so this is paid once per shape). It sets the process-wide
+  ``torch.backends.cudnn.benchmark``; the algorithms it picks may sum in another order, so
+  turn it off where bit-identical GPU reruns matter more than speed.
 
 And one process-wide setting for CPU work, :func:`tune_host_allocator`: glibc hands large freed
 blocks back to the OS and every later allocation of the same size faults its pages in again,
@@ -38,6 +43,7 @@ import platform
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +91,7 @@ class Accelerator:
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = False
 
     @classmethod
     def create(
@@ -93,14 +100,28 @@ class Accelerator:
         amp: str | bool = "auto",
         channels_last: bool | None = None,
         compile: bool = False,
+        cudnn_benchmark: bool | None = None,
     ) -> Accelerator:
-        return cls(device, resolve_amp(amp, device), _auto_flag(channels_last, device), compile)
+        return cls(
+            device,
+            resolve_amp(amp, device),
+            _auto_flag(channels_last, device),
+            compile,
+            _auto_flag(cudnn_benchmark, device),
+        )
+
+    @classmethod
+    def from_perf(cls, device: torch.device, perf: Any) -> Accelerator:
+        """The settings of a run's ``perf`` section (:class:`jeat.config.PerfConfig`)."""
+        return cls.create(device, perf.amp, perf.channels_last, perf.compile, perf.cudnn_benchmark)
 
     def describe(self) -> str:
         amp = "bf16" if self.amp_dtype is torch.bfloat16 else "fp32"
         parts = [amp, "channels-last" if self.channels_last else "contiguous"]
         if self.compile:
             parts.append("compiled")
+        if self.cudnn_benchmark and self.device.type == "cuda":
+            parts.append("cuDNN autotuned")
         return ", ".join(parts)
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -108,6 +129,8 @@ class Accelerator:
         module the training step should call: ``model`` itself or its compiled wrapper, which
         shares the parameters (save ``model``, never the wrapper)."""
         model.to(self.device)
+        if self.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         if not self.compile:

@@ -148,6 +148,7 @@ class PerfConfig:
     amp: str | bool = "auto"
     channels_last: bool | None = None  # None: on for CUDA
     compile: bool = False  # torch.compile the network for the training step
+    cudnn_benchmark: bool | None = None  # None: on for CUDA (cuDNN times its algorithms once)
 
 
 @dataclass
