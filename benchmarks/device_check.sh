@@ -15,18 +15,20 @@
 #   tests    pytest tests/test_cuda.py (the CUDA sync detector in the attack and sampler loops,
 #            on-device and pinned data, the fast path trains like fp32, CPU and device
 #            evaluation agree, NCCL when two GPUs are there)
-#   train    benchmarks/train_throughput.py: PreAct-ResNet-18, standard / PGD-AT / JEM / JEAT on
-#            the fast path (bf16, channels-last, compile), images/s, ratio to standard, MFU
+#   mfu      benchmarks/train_throughput.py: PreAct-ResNet-18 PGD-AT (PGD-10) on the fast path
+#            (bf16, channels-last, compile): images/s, achieved FLOP/s and MFU
 #   fast     benchmarks/fast_path.py: fp32 eager vs the fast path, speed-up and PGD-20 gap, with
 #            the number of epochs fitted to 8/9 of its time limit
 #   memory   benchmarks/memory_estimate.py --measure: WRN-28-10 JEAT at batch 128, measured
 #            peak CUDA memory against the estimate
 #   attack   benchmarks/attack_throughput.py: our PGD-20 vs torchattacks, and AMP /
 #            channels-last / compile rows
+#   objectives  benchmarks/train_throughput.py as in mfu for standard, JEM and JEAT (their
+#            images/s and MFU; the ratio to standard)
 # Then DIR/summary.md (every step's exit status and table) and DIR/device_check.tar.gz (all of
 # it). --pack leaves only those two files in DIR (for an output folder that brings back only
-# a few files). The step limits are shares of --budget-s (default 540 s): env 4%, tests 17%,
-# train 25%, fast 36%, memory 8%, attack 9%; with --only, the chosen steps share the whole
+# a few files). The step limits are shares of --budget-s (default 540 s): env 4%, tests 15%,
+# mfu 15%, fast 34%, memory 8%, attack 9%, objectives 15%; with --only, the chosen steps share the whole
 # budget (--only fast --budget-s 300 gives fast_path 300 s). docs/performance.md ("Running the GPU checks")
 # says how to prepare .device/ (the CIFAR-10 subset and the wheels) and run this on a lent GPU.
 set -uo pipefail
@@ -35,7 +37,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/device_check}
 data=.device/data
 budget=540
-only=env,tests,train,fast,memory,attack
+only=env,tests,mfu,fast,memory,attack,objectives
 pack=0
 device=cuda
 while [ $# -gt 0 ]; do
@@ -69,7 +71,12 @@ summary="$out/summary.md"
 {
     echo "# device_check $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
-    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)'), budget ${budget} s, steps $only"
+    if commit=$(git rev-parse --short HEAD 2>/dev/null); then
+        git diff --quiet HEAD 2>/dev/null || commit="$commit with uncommitted changes"
+    else
+        commit="unknown (no git checkout here)"
+    fi
+    echo "commit $commit, budget ${budget} s, steps $only"
 } >"$summary"
 
 # step NAME SECONDS COMMAND...: run COMMAND with a time limit, log it, note its exit status
@@ -95,16 +102,19 @@ step() {
             echo
             cat "$out/$name/table.md"
         else
+            # the log's last lines before a traceback (a step stopped at its limit ends in
+            # one), then the traceback's last line
             echo
             echo '```'
-            tail -n 25 "$out/$name.log"
+            sed '/^Traceback (most recent call last)/,$d' "$out/$name.log" | tail -n 20
+            grep -q '^Traceback' "$out/$name.log" && tail -n 1 "$out/$name.log"
             echo '```'
         fi
     } >>"$summary"
 }
 
 # each step's share of the budget; with --only, the chosen steps split the whole budget
-declare -A shares=([env]=4 [tests]=17 [train]=25 [fast]=36 [memory]=8 [attack]=9)
+declare -A shares=([env]=4 [tests]=15 [mfu]=15 [fast]=34 [memory]=8 [attack]=9 [objectives]=15)
 chosen=0
 for name in "${!shares[@]}"; do
     case ",$only," in *",$name,"*) chosen=$((chosen + shares[$name])) ;; esac
@@ -126,9 +136,11 @@ EOF"
 
 step tests "$(share "${shares[tests]}")" "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
-step train "$(share "${shares[train]}")" "$py" benchmarks/train_throughput.py --device "$device" --data-dir "$data" \
-    --model preact_resnet18 --objectives standard,pgd-at,jem,jeat --amp bf16 \
-    --channels-last true --compile --no-reference --epochs 2 --out "$out/train"
+# train_throughput.py on the fast path (the objectives and --out follow)
+throughput=("$py" benchmarks/train_throughput.py --device "$device" --data-dir "$data"
+    --model preact_resnet18 --amp bf16 --channels-last true --compile --no-reference --epochs 3)
+
+step mfu "$(share "${shares[mfu]}")" "${throughput[@]}" --objectives pgd-at --out "$out/mfu"
 
 step fast "$(share "${shares[fast]}")" "$py" benchmarks/fast_path.py --device "$device" --data-dir "$data" \
     --budget-s "$(share $((shares[fast] * 8 / 9)))" --out "$out/fast"
@@ -137,6 +149,9 @@ step memory "$(share "${shares[memory]}")" "$py" benchmarks/memory_estimate.py -
 
 step attack "$(share "${shares[attack]}")" "$py" benchmarks/attack_throughput.py --device "$device" --repeats 3 \
     --variants a,b,c,e --out "$out/attack"
+
+step objectives "$(share "${shares[objectives]}")" "${throughput[@]}" \
+    --objectives standard,jem,jeat --out "$out/objectives"
 
 echo >>"$summary"
 echo "total $((SECONDS - start)) s" >>"$summary"
