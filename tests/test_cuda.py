@@ -119,18 +119,18 @@ def _syncs(fn) -> int:
     return sum("synchronizing CUDA operation" in str(w.message) for w in seen)
 
 
-@pytest.mark.parametrize("objective", ["standard", "pgd-at", "trades"])
-def test_cuda_training_step_waits_for_the_device_once(tmp_path, digits, objective):
+@pytest.mark.parametrize("config", ["standard", "pgdat", "trades", "jem", "jeat"])
+def test_cuda_training_step_waits_for_the_device_once(tmp_path, digits, config):
     """A training step reads its loss, accuracy and energies back in one small tensor (for the
-    log and the divergence check) and waits for the device nowhere else: the syncs of a run of
-    4 steps and one of 2 steps differ by 2 x 1. (The epoch's checkpoint and metrics add their
-    own, equal in both runs.)"""
+    log and the divergence check) and waits for the device nowhere else, JEM's and JEAT's
+    replay-buffer draws and write-backs included: the syncs of a run of 4 steps and one of 2
+    steps differ by 2 x 1. (The epoch's checkpoint and metrics add their own, equal in both
+    runs.)"""
 
     def run(name, images):
         cfg = load_config(
-            "digits-pgdat",
-            [*FAST, "device=cuda", "epochs=1", f"objective.name={objective}",
-             f"data.train_subset={images}", "batch_size=64"],
+            f"digits-{config}",
+            [*FAST, "device=cuda", "epochs=1", f"data.train_subset={images}", "batch_size=64"],
         )  # fmt: skip
         train(cfg, tmp_path / name, data=digits)
 

@@ -209,6 +209,14 @@ class SGLD:
         return descend(model, x0, energy, update, self.steps, labels)
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` (on the host) on ``device``; to a GPU through pinned memory without waiting for
+    it (a copy from pageable memory would make the host wait for the device first)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class ReplayBuffer:
     """Persistent SGLD chains (JEM): ``size`` images, drawn in batches, a ``reinit_freq`` share of
     each batch restarted from the re-initialisation distribution, and written back.
@@ -249,11 +257,11 @@ class ReplayBuffer:
         self.x = self.fresh(self.labels, generator)
 
     def fresh(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """New starting points from the re-initialisation distribution."""
+        """New starting points from the re-initialisation distribution, drawn on the host."""
         if self.init == "gaussian":
             assert self.seeds is not None
-            return self.seeds.sample(labels.cpu(), generator).to(self.device)
-        return torch.rand((len(labels), *self.shape), generator=generator).to(self.device)
+            return _to_device(self.seeds.sample(labels.cpu(), generator), self.device)
+        return _to_device(torch.rand((len(labels), *self.shape), generator=generator), self.device)
 
     def sample(
         self, n: int, y: Tensor | None = None, generator: torch.Generator | None = None
@@ -261,28 +269,42 @@ class ReplayBuffer:
         """Draw ``n`` chains (from class ``y[i]``'s partition when ``y`` is given).
 
         Returns the starting images (a copy) and their slot indices for :meth:`update`.
+
+        The random draws are made on the host (from ``generator``, else the global CPU
+        stream), so which chains restart is known there without reading the device: on a GPU
+        the draw waits for the device only for class-conditional Gaussian restarts (``y`` and
+        ``init="gaussian"``), whose labels must reach the host.
         """
         k = self.num_classes
         if y is None:
-            idx = torch.randint(0, self.size, (n,), generator=generator)
+            host_idx: Tensor | None = torch.randint(0, self.size, (n,), generator=generator)
+            idx = _to_device(host_idx, self.device)
         else:
             per_class = torch.randint(0, self.size // k, (len(y),), generator=generator)
-            idx = y.cpu().long() + k * per_class
-        idx = idx.to(self.device)
-        x = self.x[idx].clone()
-        restart = (torch.rand(len(idx), generator=generator) < self.reinit_freq).to(self.device)
-        if bool(restart.any()):
-            x[restart] = self.fresh(self.labels[idx[restart]], generator)
+            host_idx = None
+            idx = y.to(self.device).long() + k * _to_device(per_class, self.device)
+        x = self.x[idx]  # a gather: a new tensor
+        restart = torch.rand(len(idx), generator=generator) < self.reinit_freq
+        if restart.any():  # a host tensor: no device read
+            if host_idx is not None:
+                labels = host_idx[restart] % k  # slot i belongs to class i % k
+            elif self.init == "gaussian":
+                labels = y.cpu()[restart]  # the one read from the device
+            else:
+                labels = torch.zeros(int(restart.sum()), dtype=torch.long)  # count only
+            where = _to_device(restart.nonzero().squeeze(1), self.device)
+            x[where] = self.fresh(labels, generator)
         return x, idx
 
     def update(self, idx: Tensor, x: Tensor) -> None:
         """Write chains back. A slot drawn twice in one batch keeps its last sample, chosen
-        explicitly: a plain ``x[idx] = ...`` with repeated indices is not deterministic."""
-        slots, inverse = torch.unique(idx, return_inverse=True)
+        explicitly: a plain ``x[idx] = ...`` with repeated indices is not deterministic. Every
+        position of a slot writes that slot's last sample, so the repeated writes agree, and
+        no step needs the distinct slots' count (``torch.unique`` would read the device)."""
         order = torch.arange(len(idx), device=idx.device)
-        last = torch.full((len(slots),), -1, dtype=torch.long, device=idx.device)
-        last = last.scatter_reduce(0, inverse, order, reduce="amax")
-        self.x[slots] = x.detach()[last].to(self.device, self.x.dtype)
+        last = torch.full((self.size,), -1, dtype=torch.long, device=idx.device)
+        last = last.scatter_reduce(0, idx, order, reduce="amax")
+        self.x[idx] = x.detach()[last[idx]].to(self.device, self.x.dtype)
 
     def reset(self, generator: torch.Generator | None = None) -> None:
         """Restart every chain (used after a divergence)."""
