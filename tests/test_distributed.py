@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -126,3 +127,34 @@ def test_the_job_layout_comes_from_torchrun_variables(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(JeatError, match="RANK='x' is not an integer"):
         from_env()
+
+
+_LEAVE = """
+import atexit, sys
+from jeat.cli import main
+atexit.register(lambda: print("interpreter shutdown ran"))
+main(sys.argv[1:])
+print("main returned")
+"""
+
+
+@pytest.mark.parametrize(
+    "world, args, code", [("2", ["datasets"], 0), ("2", ["eval", "no-such-run"], 2)]
+)
+def test_a_torchrun_process_leaves_with_its_code_and_without_the_shutdown(world, args, code):
+    """Under torchrun (WORLD_SIZE > 1) the command's output is flushed and the process ends
+    with the command's exit code, skipping the interpreter's shutdown (where rare C++ aborts
+    came from); a plain process returns from main() as usual."""
+    env = {**os.environ, "WORLD_SIZE": world, "RANK": "1", "LOCAL_RANK": "1"}
+    r = subprocess.run([sys.executable, "-c", _LEAVE, *args], env=env, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == code, r.stderr[-2000:]
+    assert "main returned" not in r.stdout and "interpreter shutdown ran" not in r.stdout
+    if code == 0:
+        assert "digits" in r.stdout  # flushed before leaving
+    else:
+        assert "jeat: error:" in r.stderr
+    env["WORLD_SIZE"], env["RANK"], env["LOCAL_RANK"] = "1", "0", "0"
+    r = subprocess.run([sys.executable, "-c", _LEAVE, *args], env=env, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert "main returned" in r.stdout and "interpreter shutdown ran" in r.stdout

@@ -537,34 +537,50 @@ def train(
     out = Path(out)
     ctx, device = distributed.setup(cfg.device)
     try:
-        data, full, model, objective, payload = _prepare_run(cfg, out, resume, data)
-        if ctx.enabled:
-            _check_shards(cfg, len(data.x_train), ctx)
-            ctx.barrier()  # every rank has checked the folder before rank 0 writes to it
-        existed = out.exists()
-        loop = _Loop(cfg, RunPaths(out), data, model, objective, ctx, device)
-        loop.full_data = full  # the judge and the scores' real images: never a smoke-run subset
-        try:
-            if payload is not None:
-                loop.restore(payload)
-            else:
-                loop.start(argv)
-            loop.open_tensorboard(payload is not None)
-            loop.fit(cfg.epochs if stop_after is None else min(stop_after, cfg.epochs))
-        except BaseException:
-            loop.close_tensorboard()
-            if ctx.is_main and payload is None and not loop.paths.checkpoint.exists():
-                loop.remove_new_files(existed)
-            raise
-        loop.close_tensorboard()
-        if stop_after is not None and stop_after < cfg.epochs:
-            resumed_from = loop.start_epoch if payload is not None else None
-            if ctx.is_main:
-                print(f"stopped after epoch {stop_after} of {cfg.epochs}; continue with resume")
-            return TrainResult(loop.paths, loop.model, loop.metrics, None, resumed_from)
-        return loop.finish(resumed=payload is not None)
+        # the run lives in its own frame, so that its DDP wrapper (which holds the process
+        # group) is garbage by the time the group is destroyed
+        return _run(cfg, out, resume, data, argv, stop_after, ctx, device)
     finally:
         distributed.teardown(ctx)
+
+
+def _run(
+    cfg: TrainConfig,
+    out: Path,
+    resume: bool,
+    data: ImageDataset | None,
+    argv: list[str] | None,
+    stop_after: int | None,
+    ctx: DistContext,
+    device: torch.device,
+) -> TrainResult:
+    """The body of :func:`train`, inside the process group."""
+    data, full, model, objective, payload = _prepare_run(cfg, out, resume, data)
+    if ctx.enabled:
+        _check_shards(cfg, len(data.x_train), ctx)
+        ctx.barrier()  # every rank has checked the folder before rank 0 writes to it
+    existed = out.exists()
+    loop = _Loop(cfg, RunPaths(out), data, model, objective, ctx, device)
+    loop.full_data = full  # the judge and the scores' real images: never a smoke-run subset
+    try:
+        if payload is not None:
+            loop.restore(payload)
+        else:
+            loop.start(argv)
+        loop.open_tensorboard(payload is not None)
+        loop.fit(cfg.epochs if stop_after is None else min(stop_after, cfg.epochs))
+    except BaseException:
+        loop.close_tensorboard()
+        if ctx.is_main and payload is None and not loop.paths.checkpoint.exists():
+            loop.remove_new_files(existed)
+        raise
+    loop.close_tensorboard()
+    if stop_after is not None and stop_after < cfg.epochs:
+        resumed_from = loop.start_epoch if payload is not None else None
+        if ctx.is_main:
+            print(f"stopped after epoch {stop_after} of {cfg.epochs}; continue with resume")
+        return TrainResult(loop.paths, loop.model, loop.metrics, None, resumed_from)
+    return loop.finish(resumed=payload is not None)
 
 
 def _check_shards(cfg: TrainConfig, n_train: int, ctx: DistContext) -> None:
