@@ -684,8 +684,8 @@ def main(argv: list[str] | None = None) -> int:
 def _leave_torchrun_process(code: int) -> None:
     """End a process that torchrun started, skipping the interpreter's shutdown.
 
-    With two gloo processes on the 2-core test machine, about one run in 20-130 had a rank
-    abort after its work was done, the process group destroyed and the files written
+    With two gloo processes on the 2-core test machine, between one run in 5 and one in 50
+    had a rank abort after its work was done, the process group destroyed and the files written
     (``terminate called without an active exception``, SIGABRT, from C++ code run while the
     interpreter shuts down, below every Python frame); torchrun then reported the job as
     failed and killed the other rank. Everything the command does is finished and flushed by
