@@ -27,8 +27,8 @@
 #            images/s and MFU; the ratio to standard)
 # Then DIR/summary.md (every step's exit status and table) and DIR/device_check.tar.gz (all of
 # it). --pack leaves only those two files in DIR (for an output folder that brings back only
-# a few files). The step limits are shares of --budget-s (default 540 s): env 4%, tests 15%,
-# mfu 15%, fast 34%, memory 8%, attack 9%, objectives 15%; with --only, the chosen steps share the whole
+# a few files). The step limits are shares of --budget-s (default 540 s): env 4%, tests 20%,
+# mfu 15%, fast 32%, memory 7%, attack 8%, objectives 14%; with --only, the chosen steps share the whole
 # budget (--only fast --budget-s 300 gives fast_path 300 s). docs/performance.md ("Running the GPU checks")
 # says how to prepare .device/ (the CIFAR-10 subset and the wheels) and run this on a lent GPU.
 set -uo pipefail
@@ -114,7 +114,7 @@ step() {
 }
 
 # each step's share of the budget; with --only, the chosen steps split the whole budget
-declare -A shares=([env]=4 [tests]=15 [mfu]=15 [fast]=34 [memory]=8 [attack]=9 [objectives]=15)
+declare -A shares=([env]=4 [tests]=20 [mfu]=15 [fast]=32 [memory]=7 [attack]=8 [objectives]=14)
 chosen=0
 for name in "${!shares[@]}"; do
     case ",$only," in *",$name,"*) chosen=$((chosen + shares[$name])) ;; esac
@@ -134,7 +134,7 @@ import jeat, sklearn, scipy, yaml, matplotlib, tqdm
 print('jeat', jeat.__version__, 'from', jeat.__file__)
 EOF"
 
-step tests "$(share "${shares[tests]}")" "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step tests "$(share "${shares[tests]}")" "$py" -m pytest -q -p no:cacheprovider --durations=15 tests/test_cuda.py
 
 # train_throughput.py on the fast path (the objectives and --out follow)
 throughput=("$py" benchmarks/train_throughput.py --device "$device" --data-dir "$data"
