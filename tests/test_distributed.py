@@ -45,11 +45,14 @@ def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def compare_one_and_two_processes(tmp_path, device: str = "cpu", tol: float = 1e-5) -> None:
+def compare_one_and_two_processes(
+    tmp_path, device: str = "cpu", tol: float = 1e-5, points: float = 0.0
+) -> None:
     """PGD-AT without random start and without augmentation is deterministic, so two ranks that
     each take half of every global batch must reach the one-process weights up to float
-    summation order (``tol``, relative to the largest weight). 400 images in batches of 64 end
-    with a batch of 16 (8 per rank). gloo on the CPU, NCCL on CUDA."""
+    summation order (``tol``, relative to the largest weight and to the loss), with accuracies
+    within ``points``. 400 images in batches of 64 end with a batch of 16 (8 per rank). gloo on
+    the CPU, NCCL on CUDA."""
     args = ["--epochs", "2", "--set", "objective.attack.random_start=false",
             "--set", "data.augment=false", "--set", "eval.epoch_n=50",
             "--device", device]  # fmt: skip
@@ -64,8 +67,8 @@ def compare_one_and_two_processes(tmp_path, device: str = "cpu", tol: float = 1e
     assert [m["step"] for m in m2] == [m["step"] for m in m1] == [7, 14]
     for a, b in zip(m1, m2, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=tol)  # reduced over ranks
-        assert b["train_acc"] == pytest.approx(a["train_acc"], abs=1e-6 if tol <= 1e-5 else 1.0)
-        assert abs(b["test_clean_acc"] - a["test_clean_acc"]) <= (0 if tol <= 1e-5 else 2.0)
+        assert b["train_acc"] == pytest.approx(a["train_acc"], abs=max(points, 1e-6))
+        assert abs(b["test_clean_acc"] - a["test_clean_acc"]) <= points
     info = json.loads((tmp_path / "two" / "run.json").read_text())
     assert info["world_size"] == 2
 
