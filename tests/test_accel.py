@@ -20,6 +20,7 @@ from jeat.accel import Accelerator, resolve_amp
 from jeat.attacks import PGD, L2Ball, LinfBall
 from jeat.config import load_config
 from jeat.models import create_model
+from jeat.objectives import wrm_ascent
 from jeat.samplers import SGLD, SeededDescent
 from jeat.train import train
 
@@ -123,6 +124,50 @@ def test_attack_backward_passes_compute_input_gradients_only():
         torch.nn.functional.cross_entropy(model(x), y).backward()
     assert all(mask[1] for mask in step.conv_masks)
     assert step.counts["mm.default"] == 2 * step.counts["addmm.default"]
+
+
+def _recording_backend(masks: list[tuple[bool, ...]]):
+    """A torch.compile backend that runs AOTAutograd's graphs as traced and records, for each
+    compiled backward, which gradients its convolution backwards compute."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def backward(gm, _):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "convolution_backward" in str(node.target):
+                masks.append(tuple(node.args[-1]))
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=backward)
+
+
+@pytest.mark.parametrize(
+    "name, run",
+    [
+        ("PGD", lambda m, x, y: PGD(LinfBall(8 / 255), 2)(m, x, y, check=False)),
+        ("SGLD", lambda m, x, y: SGLD(steps=2)(m, x, y)),
+        ("WRM ascent", lambda m, x, y: wrm_ascent(m, x, y, gamma=1.0, steps=2)),
+    ],
+)
+def test_compiled_attack_and_sampler_backwards_compute_no_weight_gradient(name, run):
+    """torch.compile's backward computes the gradient of every input that requires one,
+    whatever autograd.grad asks for, so the loops freeze the parameters: the compiled attack
+    backward computes the input gradient alone, and the training backward is unchanged."""
+    torch._dynamo.reset()
+    masks: list[tuple[bool, ...]] = []
+    model = create_model("small_cnn", in_channels=3, num_classes=10, mean=[0.5] * 3,
+                         std=[0.5] * 3, width=8)  # fmt: skip
+    net = torch.compile(model, backend=_recording_backend(masks))
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    out = run(net, x, y)
+    assert out.shape == x.shape
+    assert masks and set(masks) == {(True, False, False)}, f"{name}: {sorted(set(masks))}"
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    masks.clear()
+    torch.nn.functional.cross_entropy(net(x), y).backward()  # the training step's backward
+    assert masks and all(m[1] for m in masks)
+    assert all(p.grad is not None for p in model.parameters())
+    torch._dynamo.reset()
 
 
 def test_amp_choices():

@@ -1,4 +1,5 @@
-"""What every attack shares: input checks, the model-mode guard and the logits adapter.
+"""What every attack shares: input checks, the model-mode guard (eval mode, frozen parameters)
+and the logits adapter.
 
 An attack is any callable ``attack(model, x, y, generator=None, check=True) -> x_adv`` that
 returns a detached batch of the same shape in [0, 1] and leaves the model as it found it.
@@ -55,15 +56,29 @@ def check_images(x: Tensor, what: str = "inputs") -> None:
 
 @contextmanager
 def model_mode(model: nn.Module, eval_mode: bool) -> Iterator[None]:
-    """Run a block with ``model`` in eval mode (if asked), restoring every submodule's mode."""
+    """Run a block with ``model`` in eval mode (if asked) and its parameters frozen, restoring
+    every submodule's mode and every parameter's ``requires_grad`` afterwards.
+
+    Attacks, samplers and evaluations run inside it: they differentiate with respect to their
+    inputs only. Frozen parameters make that hold under ``torch.compile`` too, whose compiled
+    backward (AOTAutograd) computes the gradient of every input that requires one, whatever
+    ``torch.autograd.grad`` asks for: without this, each attack step of a compiled model would
+    also compute, and throw away, every weight gradient. It also keeps a ``.backward()`` inside a
+    reference attack from accumulating into the parameters' ``.grad``.
+    """
     modes = [m.training for m in model.modules()]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if eval_mode:
         model.eval()
+    for p in trainable:
+        p.requires_grad_(False)
     try:
         yield
     finally:
         for m, mode in zip(model.modules(), modes, strict=True):
             m.training = mode
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def logits_of(model: nn.Module, x: Tensor) -> Tensor:
