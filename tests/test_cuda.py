@@ -20,7 +20,12 @@ from conftest import FAST
 from jeat.accel import resolve_amp
 from jeat.attacks import PGD, L2Ball, LinfBall
 from jeat.config import load_config
-from jeat.energy import cross_entropy_from_logits, marginal_energy_from_logits
+from jeat.energy import (
+    cross_entropy_from_logits,
+    joint_energy_from_logits,
+    margin_from_logits,
+    marginal_energy_from_logits,
+)
 from jeat.evaluate import evaluate
 from jeat.models import create_model
 from jeat.samplers import SGLD, SeededDescent
@@ -88,8 +93,13 @@ def test_cuda_energies_are_fp32_under_bf16_autocast():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = model(x)
         assert logits.dtype == torch.bfloat16  # the network itself runs in bf16
-        assert marginal_energy_from_logits(logits).dtype == torch.float32
-        assert cross_entropy_from_logits(logits, y).dtype == torch.float32
+        for energy in (
+            marginal_energy_from_logits(logits),
+            joint_energy_from_logits(logits, y),
+            cross_entropy_from_logits(logits, y),
+            margin_from_logits(logits, y),
+        ):
+            assert energy.dtype == torch.float32
 
 
 def test_cuda_training_set_lives_on_the_device_or_travels_pinned(digits, monkeypatch):

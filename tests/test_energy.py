@@ -8,6 +8,7 @@ from jeat.energy import (
     EnergyModel,
     as_logits,
     cross_entropy_from_logits,
+    dlr_from_logits,
     joint_energy_from_logits,
     log_p_y_given_x_from_logits,
     margin_from_logits,
@@ -25,6 +26,27 @@ def test_energies_match_their_definitions():
     assert torch.allclose(
         log_p_y_given_x_from_logits(logits, y), F.log_softmax(logits, 1)[torch.arange(6), y]
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_energy_and_loss_is_computed_in_float32_from_low_precision_logits(dtype):
+    """Under autocast the network's logits are bf16; every energy and attack loss upcasts them,
+    so sums over a batch and energy differences are float32."""
+    torch.manual_seed(0)
+    logits = (8 * torch.randn(64, 10)).to(dtype)
+    wide = logits.float()
+    y = torch.randint(0, 10, (64,))
+    for fn, args in [
+        (joint_energy_from_logits, (y,)),
+        (marginal_energy_from_logits, ()),
+        (log_p_y_given_x_from_logits, (y,)),
+        (cross_entropy_from_logits, (y,)),
+        (margin_from_logits, (y,)),
+        (dlr_from_logits, (y,)),
+    ]:
+        out = fn(logits, *args)
+        assert out.dtype == torch.float32, fn.__name__
+        assert torch.allclose(out, fn(wide, *args), atol=1e-6), fn.__name__
 
 
 def test_cross_entropy_is_the_energy_difference():

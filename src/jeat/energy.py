@@ -64,14 +64,20 @@ def joint_energy_from_logits(logits: Tensor, y: Tensor, check: bool = True) -> T
     """
     if check:
         y = check_labels(y, logits.shape[1], logits.shape[0])
-    return -logits.gather(1, y[:, None]).squeeze(1)
+    return -_wide(logits).gather(1, y[:, None]).squeeze(1)
+
+
+def _wide(logits: Tensor) -> Tensor:
+    """``logits`` in float32 or wider: every energy and loss is computed and summed there, also
+    when the network ran under bf16 autocast."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        return logits.float()
+    return logits
 
 
 def marginal_energy_from_logits(logits: Tensor) -> Tensor:
     """``E(x) = -logsumexp_y f(x)[y]``, one value per row (computed in float32 or wider)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return -torch.logsumexp(logits, dim=1)
+    return -torch.logsumexp(_wide(logits), dim=1)
 
 
 def log_p_y_given_x_from_logits(logits: Tensor, y: Tensor, check: bool = True) -> Tensor:
@@ -88,9 +94,7 @@ def cross_entropy_from_logits(logits: Tensor, y: Tensor, check: bool = True) -> 
     """
     if check:
         y = check_labels(y, logits.shape[1], logits.shape[0])
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return nn.functional.cross_entropy(logits, y, reduction="none")
+    return nn.functional.cross_entropy(_wide(logits), y, reduction="none")
 
 
 def margin_from_logits(logits: Tensor, y: Tensor, check: bool = True) -> Tensor:
@@ -100,6 +104,7 @@ def margin_from_logits(logits: Tensor, y: Tensor, check: bool = True) -> Tensor:
     """
     if check:
         y = check_labels(y, logits.shape[1], logits.shape[0])
+    logits = _wide(logits)
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.masked_fill(nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf"))
     return others.max(dim=1).values - true
@@ -120,7 +125,7 @@ def dlr_from_logits(logits: Tensor, y: Tensor, target: Tensor | None = None) -> 
             f"the DLR loss needs at least {need} classes"
             f"{' for a targeted attack' if target is not None else ''}, the model has {k}"
         )
-    z = logits.float()
+    z = _wide(logits)
     srt = z.sort(dim=1, descending=True).values
     true = z.gather(1, y[:, None]).squeeze(1)
     if target is None:
