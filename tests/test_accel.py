@@ -18,9 +18,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from jeat import JeatError
 from jeat.accel import Accelerator, resolve_amp
 from jeat.attacks import PGD, L2Ball, LinfBall
-from jeat.config import load_config
+from jeat.config import ObjectiveConfig, load_config
+from jeat.data import ImageDataset, dataset_info
 from jeat.models import create_model
-from jeat.objectives import wrm_ascent
+from jeat.objectives import create_objective, wrm_ascent
 from jeat.samplers import SGLD, SeededDescent
 from jeat.train import train
 
@@ -168,6 +169,27 @@ def test_compiled_attack_and_sampler_backwards_compute_no_weight_gradient(name, 
     assert masks and all(m[1] for m in masks)
     assert all(p.grad is not None for p in model.parameters())
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["jem", "jeat"])
+def test_energy_objectives_feed_the_network_one_memory_layout(name):
+    """With a channels-last batch, every input of a JEM/JEAT step (data, attack iterates, SGLD
+    chains from the replay buffer) reaches the network channels-last: no layout conversion in
+    the convolutions, and one set of graphs for a compiled network."""
+    info = dataset_info("cifar10")
+    x, y = torch.rand(20, 3, 32, 32), torch.arange(20) % 10
+    cfg = ObjectiveConfig(name=name, options={"buffer_size": 20, "sgld_steps": 2})
+    objective = create_objective(cfg, info)
+    objective.setup(ImageDataset(info, x, y, x, y), CPU)
+    model = create_model("small_cnn", in_channels=3, num_classes=10, width=4)
+    model.to(memory_format=torch.channels_last)
+    layouts: list[bool] = []
+    model.register_forward_pre_hook(
+        lambda _, inp: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    xb = x[:8].contiguous(memory_format=torch.channels_last)
+    objective(model, xb, y[:8]).loss.backward()
+    assert len(layouts) >= 3 and all(layouts), layouts
 
 
 def test_amp_choices():

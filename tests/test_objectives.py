@@ -41,7 +41,7 @@ def test_loss_and_gradients_are_ce_plus_lambda_energy_gap(digits, name, data_ter
     obj, model = _setup(name, digits, **opts)
     x, y = digits.x_train[:16], digits.y_train[:16]
     x_hat = torch.rand(16, 1, 8, 8)
-    obj.samples = lambda model, y: (x_hat, None)  # fix the samples to check the formula
+    obj.samples = lambda model, y, like=None: (x_hat, None)  # fix the samples: check the formula
     out = obj(model, x, y)
     assert out.loss.item() == pytest.approx(
         (out.metrics["ce"] + 0.7 * out.metrics["energy_gap"]).item(), rel=1e-5

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from jeat.errors import JeatError
 
-__all__ = ["Accelerator", "resolve_amp", "AMP_CHOICES", "tune_host_allocator"]
+__all__ = ["Accelerator", "resolve_amp", "AMP_CHOICES", "same_layout", "tune_host_allocator"]
 
 AMP_CHOICES = ("auto", "bf16", "fp32")
 
@@ -151,6 +151,19 @@ class Accelerator:
             return
         with torch.autocast(self.device.type, dtype=self.amp_dtype):
             yield
+
+
+def same_layout(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` in the memory layout of ``like``: channels-last when ``like`` is a channels-last
+    image batch (and not also plainly contiguous, as one-channel batches are), else unchanged."""
+    cl = torch.channels_last
+    if (
+        t.dim() == like.dim() == 4
+        and like.is_contiguous(memory_format=cl)
+        and not like.is_contiguous()
+    ):
+        return t.contiguous(memory_format=cl)
+    return t
 
 
 # glibc's mallopt parameters (malloc.h) and its ceiling for M_MMAP_THRESHOLD on 64-bit systems

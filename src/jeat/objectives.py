@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from jeat.accel import same_layout
 from jeat.attacks import PGD, make_threat, model_mode
 from jeat.config import AttackConfig, ObjectiveConfig
 from jeat.data import DatasetInfo, ImageDataset
@@ -452,14 +453,20 @@ class _EnergyObjective(Objective):
             raise JeatError(f"objective '{self.name}' needs setup(data, device) before use")
         return self.buffer
 
-    def samples(self, model: nn.Module, y: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Draw persistent-SGLD samples (conditioned on ``y`` when ``conditional``)."""
+    def samples(
+        self, model: nn.Module, y: Tensor, like: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Draw persistent-SGLD samples (conditioned on ``y`` when ``conditional``), in the
+        memory layout of the data batch ``like`` (channels-last on the fast path), so the
+        network sees one layout and a compiled network one set of graphs."""
         n = self.opts["sample_batch"] or len(y)
         labels = y[:n] if self.opts["conditional"] and n <= len(y) else None
         if self.opts["conditional"] and labels is None:
             labels = y[torch.randint(0, len(y), (n,), device=y.device)]
         buffer = self._buffer()
         x0, idx = buffer.sample(n, labels)
+        if like is not None:
+            x0 = same_layout(x0, like)
         x_hat = self.sgld(model, x0, labels)
         buffer.update(idx, x_hat)
         return x_hat, labels
@@ -470,10 +477,11 @@ class _EnergyObjective(Objective):
         return marginal_energy_from_logits(logits)
 
     def generative_term(
-        self, model: nn.Module, e_data: Tensor, y: Tensor
+        self, model: nn.Module, e_data: Tensor, y: Tensor, like: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``lambda * [mean E(x_data) - mean E(x_hat)]`` (+ optional L2 on energies)."""
-        x_hat, labels = self.samples(model, y)
+        """``lambda * [mean E(x_data) - mean E(x_hat)]`` (+ optional L2 on energies); the
+        samples take the memory layout of ``like`` (the data batch) when given."""
+        x_hat, labels = self.samples(model, y, like)
         e_hat = self.energy(as_logits(model(x_hat)), labels)
         gap = e_data.mean() - e_hat.mean()
         term = self.opts["energy_weight"] * gap
@@ -513,7 +521,7 @@ class JEM(_EnergyObjective):
         logits = as_logits(model(self.noisy(x)))
         ce, metrics = _classification(logits, y)
         labels = y if self.opts["conditional"] else None
-        term, gen = self.generative_term(model, self.energy(logits, labels), y)
+        term, gen = self.generative_term(model, self.energy(logits, labels), y, like=x)
         return ObjectiveOutput(ce + term, logits.detach(), y, {**metrics, **gen})
 
 
@@ -567,7 +575,7 @@ class JEAT(_AdversarialMixin, _EnergyObjective):
         if self.opts["conditional"]:
             labels = y if term_on != "both" else torch.cat([y, y])
         e_data = self.energy(data_logits, labels)
-        term, gen = self.generative_term(model, e_data, y)
+        term, gen = self.generative_term(model, e_data, y, like=x)
         return ObjectiveOutput(ce + term, logits.detach(), y, {**metrics, **gen})
 
 
