@@ -372,9 +372,29 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-# Peak dense bf16 tensor FLOP/s by device name (no sparsity), for model-FLOPs utilisation.
+def objective_step_flops(cfg: TrainConfig, data: ImageDataset, device: torch.device) -> int:
+    """FLOPs of one training step of ``cfg``'s objective (forward and backward of everything
+    it runs: attack steps, SGLD steps, the loss) on the first ``batch_size`` training images,
+    counted in fp32 eager mode: the model FLOPs of model-FLOPs utilisation, whatever precision
+    or compilation the timed run used."""
+    from jeat.objectives import create_objective
+    from jeat.train import build_model
+
+    n = min(cfg.batch_size, len(data.x_train))
+    x, y = data.x_train[:n].to(device), data.y_train[:n].to(device)
+    torch.manual_seed(0)
+    model = build_model(cfg, data.info).to(device).train()
+    obj = create_objective(cfg.objective, data.info)
+    obj.setup(data, device)
+    return count_flops(lambda: obj(model, x, y).loss.backward())
+
+
+# Peak dense bf16 tensor FLOP/s by device name (no sparsity), for model-FLOPs utilisation;
+# the first entry whose words all occur in the device's name applies.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989.4e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989.4e12),  # SXM
+    ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
     ("H100", 989.4e12),  # SXM
     ("A100", 312e12),
@@ -433,6 +453,14 @@ def cifar_or_digits(data_dir: str | Path) -> ImageDataset:
             "(pass --data-dir to the folder holding cifar-10-batches-py)"
         )
         return load_dataset("digits")
+
+
+def first_train_images(data: ImageDataset, n: int | None) -> ImageDataset:
+    """``data`` with only its first ``n`` training images (all of them when ``n`` is None)."""
+    if not n:
+        return data
+    m = min(n, len(data.x_train))
+    return ImageDataset(data.info, data.x_train[:m], data.y_train[:m], data.x_test, data.y_test)
 
 
 def emit(results: dict[str, Any], table: str, out: str | Path | None) -> None:

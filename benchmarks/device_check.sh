@@ -15,29 +15,33 @@
 #   tests    pytest tests/test_cuda.py (the CUDA sync detector in the attack and sampler loops,
 #            on-device and pinned data, the fast path trains like fp32, CPU and device
 #            evaluation agree, NCCL when two GPUs are there)
-#   mfu      benchmarks/train_throughput.py: PreAct-ResNet-18 PGD-AT (PGD-10) on the fast path
-#            (bf16, channels-last, compile): images/s, achieved FLOP/s and MFU
-#   fast     benchmarks/fast_path.py: fp32 eager vs the fast path, speed-up and PGD-20 gap, with
-#            the number of epochs fitted to 8/9 of its time limit
+#   fast     benchmarks/fast_path.py: PreAct-ResNet-18 PGD-AT (PGD-10), fp32 eager vs the fast
+#            path (bf16, channels-last, compile): speed-up, PGD-20 gap, and each path's images/s,
+#            achieved FLOP/s and MFU, with the number of epochs fitted to 8/9 of its time limit
 #   memory   benchmarks/memory_estimate.py --measure: WRN-28-10 JEAT at batch 128, measured
 #            peak CUDA memory against the estimate
+#   mfu      benchmarks/train_throughput.py: the same PGD-AT on the fast path alone, images/s,
+#            achieved FLOP/s and MFU (its compilation mostly cached by the fast step)
 #   attack   benchmarks/attack_throughput.py: our PGD-20 vs torchattacks, and AMP /
 #            channels-last / compile rows
 #   objectives  benchmarks/train_throughput.py as in mfu for standard, JEM and JEAT (their
 #            images/s and MFU; the ratio to standard)
 # Then DIR/summary.md (every step's exit status and table) and DIR/device_check.tar.gz (all of
 # it). --pack leaves only those two files in DIR (for an output folder that brings back only
-# a few files). The step limits are shares of --budget-s (default 540 s): env 4%, tests 20%,
-# mfu 15%, fast 32%, memory 7%, attack 8%, objectives 14%; with --only, the chosen steps share the whole
-# budget (--only fast --budget-s 300 gives fast_path 300 s). docs/performance.md ("Running the GPU checks")
-# says how to prepare .device/ (the CIFAR-10 subset and the wheels) and run this on a lent GPU.
+# a few files). The step limits are shares of --budget-s (default 540 s): env 3%, tests 17%,
+# fast 40%, memory 7%, mfu 12%, attack 8%, objectives 13%; with --only, the chosen steps share
+# the whole budget (--only fast --budget-s 300 gives fast_path 300 s). The training steps use
+# the first 4,992 CIFAR-10 subset images (39 batches of 128), so torch.compile never sees a
+# smaller last batch (a recompilation); TORCH_LOGS=recompiles puts every recompilation in the
+# logs. docs/performance.md ("Running the GPU checks") says how to prepare .device/ (the
+# CIFAR-10 subset and the wheels) and run this on a lent GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 out=${OUT:-benchmarks/results/device_check}
 data=.device/data
 budget=540
-only=env,tests,mfu,fast,memory,attack,objectives
+only=env,tests,fast,memory,mfu,attack,objectives
 pack=0
 device=cuda
 while [ $# -gt 0 ]; do
@@ -48,7 +52,7 @@ while [ $# -gt 0 ]; do
         --only) only=$2; shift 2 ;;
         --pack) pack=1; shift ;;
         --device) device=$2; shift 2 ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
         *) echo "device_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -60,6 +64,8 @@ final=$out
 [ $pack -eq 1 ] && out=$(mktemp -d)
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_LOGS=${TORCH_LOGS:-recompiles}
+train_size=4992  # 39 batches of 128 of the 5,085-image subset: no smaller last batch
 if compgen -G ".device/whl/*.whl" >/dev/null; then
     site=$(mktemp -d)
     "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" .device/whl/*.whl \
@@ -114,7 +120,7 @@ step() {
 }
 
 # each step's share of the budget; with --only, the chosen steps split the whole budget
-declare -A shares=([env]=4 [tests]=20 [mfu]=15 [fast]=32 [memory]=7 [attack]=8 [objectives]=14)
+declare -A shares=([env]=3 [tests]=17 [fast]=40 [memory]=7 [mfu]=12 [attack]=8 [objectives]=13)
 chosen=0
 for name in "${!shares[@]}"; do
     case ",$only," in *",$name,"*) chosen=$((chosen + shares[$name])) ;; esac
@@ -136,16 +142,17 @@ EOF"
 
 step tests "$(share "${shares[tests]}")" "$py" -m pytest -q -p no:cacheprovider --durations=15 tests/test_cuda.py
 
-# train_throughput.py on the fast path (the objectives and --out follow)
-throughput=("$py" benchmarks/train_throughput.py --device "$device" --data-dir "$data"
-    --model preact_resnet18 --amp bf16 --channels-last true --compile --no-reference --epochs 3)
-
-step mfu "$(share "${shares[mfu]}")" "${throughput[@]}" --objectives pgd-at --out "$out/mfu"
-
 step fast "$(share "${shares[fast]}")" "$py" benchmarks/fast_path.py --device "$device" --data-dir "$data" \
-    --budget-s "$(share $((shares[fast] * 8 / 9)))" --out "$out/fast"
+    --train-size $train_size --budget-s "$(share $((shares[fast] * 8 / 9)))" --out "$out/fast"
 
 step memory "$(share "${shares[memory]}")" "$py" benchmarks/memory_estimate.py --measure --device "$device" --out "$out/memory"
+
+# train_throughput.py on the fast path (the objectives and --out follow)
+throughput=("$py" benchmarks/train_throughput.py --device "$device" --data-dir "$data"
+    --train-size $train_size --model preact_resnet18 --amp bf16 --channels-last true --compile
+    --no-reference --epochs 3)
+
+step mfu "$(share "${shares[mfu]}")" "${throughput[@]}" --objectives pgd-at --out "$out/mfu"
 
 step attack "$(share "${shares[attack]}")" "$py" benchmarks/attack_throughput.py --device "$device" --repeats 3 \
     --variants a,b,c,e --out "$out/attack"

@@ -17,8 +17,9 @@
    counting everything the step executes forward and backward: attack steps, SGLD steps and the
    final loss; matrix products and convolutions only, 2 FLOPs per multiply-add), as FLOPs per
    image, and the FLOP/s the timed epochs achieved. On CUDA also the model-FLOPs utilisation:
-   achieved FLOP/s / the device's peak dense bf16 FLOP/s (H100 SXM 989.4, H100 PCIe 756,
-   H200 989.4, A100 312 TFLOP/s; ``--peak-tflops`` overrides). On the CPU it is n/a.
+   achieved FLOP/s / the device's peak dense bf16 FLOP/s (H100 and H200 SXM 989.4, H100 and
+   H200 NVL 835, H100 PCIe 756, A100 312 TFLOP/s; ``--peak-tflops`` overrides). On the CPU it
+   is n/a.
 
 Interleaving: every variant advances one epoch per round, in an order rotated from round to
 round; our runs continue with ``train(..., resume=True)`` and one more epoch each round. The
@@ -64,11 +65,13 @@ from common import (
     count_flops,
     device_line,
     emit,
+    first_train_images,
     machine,
     markdown_table,
     memory_label,
     mib,
     num,
+    objective_step_flops,
     peak_flops,
     quiet_stdout,
     rotated,
@@ -79,7 +82,6 @@ from torch import Tensor
 from jeat.accel import Accelerator
 from jeat.config import TrainConfig, load_config
 from jeat.data import ImageDataset, load_dataset
-from jeat.objectives import create_objective
 from jeat.train import build_model, train
 from jeat.utils import derive_seed, resolve_device
 
@@ -231,11 +233,7 @@ def step_flops(
         ref = ReferencePGDAT(cfg, data, device, compile=False)
         ref.amp = None
         return count_flops(lambda: ref.step(x, y)), n
-    torch.manual_seed(0)
-    model = build_model(cfg, data.info).to(device).train()
-    obj = create_objective(cfg.objective, data.info)
-    obj.setup(data, device)
-    return count_flops(lambda: obj(model, x, y).loss.backward()), n
+    return objective_step_flops(cfg, data, device), n
 
 
 def _log(line: str) -> None:
@@ -245,10 +243,7 @@ def _log(line: str) -> None:
 def run(args: argparse.Namespace, data: ImageDataset, work: Path) -> dict[str, Any]:
     device = resolve_device(args.device)
     prefix = "cifar10" if data.info.name == "cifar10" else "digits"
-    if args.train_size:
-        d = data
-        m = min(args.train_size, len(d.x_train))
-        data = ImageDataset(d.info, d.x_train[:m], d.y_train[:m], d.x_test, d.y_test)
+    data = first_train_images(data, args.train_size)
     n_train = len(data.x_train)
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     variants = list(objectives)
