@@ -178,7 +178,8 @@ def test_cuda_fast_path_trains_as_well_as_fp32_and_saves_plain_fp32_weights(tmp_
 
 def test_cuda_evaluation_agrees_with_the_cpu(pgdat_model, digits):
     """The same trained model and attack seed on the CPU and on the device: clean accuracy
-    equal, PGD-20 within 2 points (the random starts come from each device's own generator)."""
+    within two images (cuDNN convolutions run in TF32 by default), PGD-20 within 2 points (the
+    random starts come from each device's own generator)."""
     x, y = digits.x_test[:360], digits.y_test[:360]
     cpu = evaluate(pgdat_model.cpu(), x, y, ["clean", "pgd20"], LinfBall(0.2), mode="independent")
     gpu_model = pgdat_model.to(CUDA)
@@ -188,14 +189,18 @@ def test_cuda_evaluation_agrees_with_the_cpu(pgdat_model, digits):
         pgdat_model.cpu()  # the fixture is shared with CPU tests
     acc_cpu = {r.attack: r.accuracy for r in cpu.rows}
     acc_gpu = {r.attack: r.accuracy for r in gpu.rows}
-    assert abs(acc_cpu["clean"] - acc_gpu["clean"]) <= 0.3
+    assert abs(acc_cpu["clean"] - acc_gpu["clean"]) <= 0.6  # TF32 convolutions: two images
     assert abs(acc_cpu["pgd20"] - acc_gpu["pgd20"]) <= 2.0, (acc_cpu, acc_gpu)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices for NCCL")
-def test_cuda_two_nccl_processes_match_one_process(tmp_path):
-    """The gloo test of tests/test_distributed.py with NCCL on two GPUs; cuDNN sums in
-    another order from run to run, hence the looser tolerance."""
+def test_cuda_two_nccl_processes_match_one_process(tmp_path, monkeypatch):
+    """The gloo test of tests/test_distributed.py with NCCL on two GPUs, in fp32 (no bf16
+    autocast, no TF32, no cuDNN autotuning: per-rank batches of half the size would round
+    differently); cuDNN may still sum in another order for another batch size, hence the
+    looser tolerance."""
     from test_distributed import compare_one_and_two_processes
 
-    compare_one_and_two_processes(tmp_path, device="cuda", tol=1e-3, points=2.0)
+    monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")  # read by cuBLAS and cuDNN in the children
+    fp32 = ("--set", "perf.amp=fp32", "--set", "perf.cudnn_benchmark=false")
+    compare_one_and_two_processes(tmp_path, device="cuda", tol=1e-3, points=2.0, extra=fp32)

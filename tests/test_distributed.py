@@ -46,16 +46,16 @@ def _metrics(run):
 
 
 def compare_one_and_two_processes(
-    tmp_path, device: str = "cpu", tol: float = 1e-5, points: float = 0.0
+    tmp_path, device: str = "cpu", tol: float = 1e-5, points: float = 0.0, extra: tuple = ()
 ) -> None:
     """PGD-AT without random start and without augmentation is deterministic, so two ranks that
     each take half of every global batch must reach the one-process weights up to float
     summation order (``tol``, relative to the largest weight and to the loss), with accuracies
     within ``points``. 400 images in batches of 64 end with a batch of 16 (8 per rank). gloo on
-    the CPU, NCCL on CUDA."""
+    the CPU, NCCL on CUDA; ``extra`` adds command-line arguments."""
     args = ["--epochs", "2", "--set", "objective.attack.random_start=false",
             "--set", "data.augment=false", "--set", "eval.epoch_n=50",
-            "--device", device]  # fmt: skip
+            "--device", device, *extra]  # fmt: skip
     _train(tmp_path / "one", *args)
     r = _train(tmp_path / "two", *args, procs=2)
     assert r.stdout.count("run folder:") == 1  # rank 0 alone reports and writes
