@@ -129,6 +129,14 @@ def test_listings():
     assert r.returncode == 0 and "widen: 10" in r.stdout
 
 
+def test_every_budget_option_takes_fractions():
+    from jeat.cli import build_parser
+
+    parse = build_parser().parse_args
+    for cmd in ("eval", "attack", "analyze"):
+        assert parse([cmd, "RUN", "--eps", "8/255"]).eps == pytest.approx(8 / 255)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -527,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--eps", type=_eps, help="budget in [0,1] pixel units, e.g. 8/255")
             s.add_argument("--n", type=int, help="test points (0: all)")
             s.add_argument("--batch-size", type=int, default=256)
-            s.add_argument("--seed", type=int, help="attack seed (default: from the run's seed)")
+            default_seed = "from the run's seed" if name == "eval" else "0"
+            s.add_argument("--seed", type=int, help=f"attack seed (default: {default_seed})")
             s.add_argument("--quiet", action="store_true", help="no progress bars")
         if name == "attack":
             s.add_argument("--attack", default="pgd20", help="one attack (see jeat attacks)")
@@ -577,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="energy landscape of one or several runs, side by side")
     an.add_argument("runs", nargs="+", help="run folders or checkpoints (same dataset)")
     an.add_argument("--n", type=int, help="test images (default: the run's analysis.n, 64)")
-    an.add_argument("--eps", type=float, help="L-inf budget (default: the run's eval budget)")
+    an.add_argument("--eps", type=_eps, help="L-inf budget, e.g. 8/255 (default: the run's)")
     an.add_argument("--grid", type=int, help="contour points per axis (default 21)")
     an.add_argument(
         "--samples-per-class",
