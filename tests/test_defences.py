@@ -205,5 +205,5 @@ def test_doa_resists_occlusion_better_than_pgd_at(tmp_path, digits, pgdat_model)
         for name, m in (("doa", doa), ("pgd-at", pgdat_model))
     }
     print("\nclean / ROA 2x2 / PGD-20:", res)
-    assert res["doa"][1] >= res["pgd-at"][1] + 20  # measured: about 45 points
+    assert res["doa"][1] >= res["pgd-at"][1] + 20  # measured: 48.6 vs 9.4, 39 points
     assert res["doa"][0] >= 80
