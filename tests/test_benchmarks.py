@@ -1,0 +1,92 @@
+"""The benchmark scripts run: their smoke modes on the CPU, each writing results.json and
+table.md. What they measure is reported by the scripts, not asserted here (speed targets live in
+benchmarks/); these tests keep the scripts that a GPU session will run from breaking unseen."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _run(cmd: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def _outputs(out: Path) -> dict:
+    assert (out / "table.md").read_text().strip()
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("script", ["attack_throughput", "scaling", "train_throughput"])
+def test_quick_benchmark_writes_its_results(tmp_path, script):
+    out = tmp_path / script
+    cmd = [sys.executable, str(BENCH / f"{script}.py"), "--quick", "--device", "cpu"]
+    _run([*cmd, "--out", str(out)], tmp_path)
+    results = _outputs(out)
+    assert results["device"] == "cpu" and results["memory_metric"]
+    if script == "train_throughput":
+        for row in results["rows"]:
+            assert row["images_per_s"] > 0 and row["flops_per_image"] > 0
+            assert row["mfu"] is None  # no known peak on a CPU
+
+
+def test_fast_path_reports_speed_accuracy_and_model_flops(tmp_path):
+    out = tmp_path / "fast"
+    cmd = [sys.executable, str(BENCH / "fast_path.py"), "--quick", "--device", "cpu",
+           "--budget-s", "60", "--train-size", "640", "--out", str(out)]  # fmt: skip
+    _run(cmd, tmp_path)
+    results = _outputs(out)
+    assert results["train_images"] == 640
+    assert results["epochs_from_budget"]["second_call_s"].keys() == {"fp32 eager", "fast"}
+    assert results["flops_per_image"] > 0 and results["peak_flops"] is None
+    for row in results["rows"]:
+        assert row["achieved_flops"] > 0 and row["mfu"] is None
+        assert 0 <= row["pgd20_acc"] <= row["clean_acc"] <= 100
+    assert results["pgd20_gap_points"] >= 0
+
+
+def test_memory_estimate_measures_and_writes_the_measurement_into_its_table(tmp_path):
+    out = tmp_path / "memory"
+    cmd = [sys.executable, str(BENCH / "memory_estimate.py"), "--depth", "10", "--widen", "1",
+           "--batch", "8", "--buffer-size", "100", "--train-images", "100", "--measure",
+           "--device", "cpu", "--out", str(out)]  # fmt: skip
+    _run(cmd, tmp_path)
+    results = _outputs(out)
+    rows = results["by_precision"]
+    for amp in ("fp32", "bf16"):
+        r = rows[amp]
+        assert r["estimated_peak_GB"] - r["without_training_set_GB"] == pytest.approx(
+            r["training_set_GB"]
+        )
+    measured = results["measured"]
+    assert [m["amp"] for m in measured] == ["fp32", "bf16"]
+    assert all(m["estimated_GB"] > 0 for m in measured)
+    assert (out / "table.md").read_text().count("measured on cpu") == 2
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
+def test_device_check_writes_a_summary_and_packs_it(tmp_path):
+    """The GPU check's plumbing on the CPU: the chosen steps run under their limits, the
+    summary names each step's exit status, --pack leaves the summary and one tarball."""
+    out = tmp_path / "check"
+    cmd = ["bash", str(BENCH / "device_check.sh"), "--device", "cpu", "--only", "env,tests",
+           "--budget-s", "60", "--out", str(out), "--pack"]  # fmt: skip
+    _run(cmd, tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["device_check.tar.gz", "summary.md"]
+    summary = (out / "summary.md").read_text()
+    assert "## env: exit 0" in summary and "## tests: exit 0" in summary
+    if not torch.cuda.is_available():
+        assert "needs a CUDA device" in summary  # the CUDA tests skip here, saying why
