@@ -53,7 +53,7 @@ while [ $# -gt 0 ]; do
         --only) only=$2; shift 2 ;;
         --pack) pack=1; shift ;;
         --device) device=$2; shift 2 ;;
-        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "device_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
