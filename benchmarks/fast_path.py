@@ -3,7 +3,9 @@ robustness of the two trained models.
 
 Two runs of ``jeat.train`` on the same config, data and seed, differing only in ``perf``:
 
-* ``fp32 eager``: ``perf.amp=fp32``, ``perf.channels_last=false``, ``perf.compile=false``;
+* ``fp32 eager``: ``perf.amp=fp32``, ``perf.channels_last=false``, ``perf.compile=false``
+  (PyTorch's default precision settings: on Ampere and newer GPUs cuDNN runs these fp32
+  convolutions in TF32, while matrix products stay full fp32);
 * ``fast``: ``perf.amp=bf16``, ``perf.channels_last=true``, ``perf.compile=true`` (``--fast-amp``,
   ``--fast-channels-last`` and ``--no-compile`` change it).
 
