@@ -372,11 +372,13 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def objective_step_flops(cfg: TrainConfig, data: ImageDataset, device: torch.device) -> int:
+def objective_step_flops(
+    cfg: TrainConfig, data: ImageDataset, device: torch.device
+) -> tuple[int, int]:
     """FLOPs of one training step of ``cfg``'s objective (forward and backward of everything
     it runs: attack steps, SGLD steps, the loss) on the first ``batch_size`` training images,
     counted in fp32 eager mode: the model FLOPs of model-FLOPs utilisation, whatever precision
-    or compilation the timed run used."""
+    or compilation the timed run used; and that batch's size."""
     from jeat.objectives import create_objective
     from jeat.train import build_model
 
@@ -386,7 +388,7 @@ def objective_step_flops(cfg: TrainConfig, data: ImageDataset, device: torch.dev
     model = build_model(cfg, data.info).to(device).train()
     obj = create_objective(cfg.objective, data.info)
     obj.setup(data, device)
-    return count_flops(lambda: obj(model, x, y).loss.backward())
+    return count_flops(lambda: obj(model, x, y).loss.backward()), n
 
 
 # Peak dense bf16 tensor FLOP/s by device name (no sparsity), for model-FLOPs utilisation;

@@ -198,9 +198,8 @@ def run(args: argparse.Namespace, data: ImageDataset, work: Path) -> dict[str, A
     gap = abs(by[FAST]["pgd20_acc"] - by[EAGER]["pgd20_acc"])
     cfg0 = cfgs[EAGER]
     # model FLOPs (fp32 eager count of one step) x images/s / the device's peak bf16 FLOP/s
-    flops_per_image = objective_step_flops(cfg0, data, device) / min(
-        cfg0.batch_size, len(data.x_train)
-    )
+    flops, batch = objective_step_flops(cfg0, data, device)
+    flops_per_image = flops / batch
     peak = peak_flops(device, args.peak_tflops)
     for r in rows:
         r["achieved_flops"] = flops_per_image * r["images_per_s"]

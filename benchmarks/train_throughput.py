@@ -227,13 +227,13 @@ def step_flops(
 ) -> tuple[int, int]:
     """FLOPs of one training step (forward and backward of everything it runs) on the first
     ``batch_size`` training images, in fp32 eager mode; and the batch size."""
+    if objective != REFERENCE:
+        return objective_step_flops(cfg, data, device)
     n = min(cfg.batch_size, len(data.x_train))
     x, y = data.x_train[:n].to(device), data.y_train[:n].to(device)
-    if objective == REFERENCE:
-        ref = ReferencePGDAT(cfg, data, device, compile=False)
-        ref.amp = None
-        return count_flops(lambda: ref.step(x, y)), n
-    return objective_step_flops(cfg, data, device), n
+    ref = ReferencePGDAT(cfg, data, device, compile=False)
+    ref.amp = None
+    return count_flops(lambda: ref.step(x, y)), n
 
 
 def _log(line: str) -> None:
