@@ -33,9 +33,10 @@ from jeat.config import GenerateConfig, TrainConfig
 from jeat.data import ImageDataset, load_dataset
 from jeat.errors import JeatError
 from jeat.evaluate import evaluate
+from jeat.finish import train_and_finish
 from jeat.metrics import judge_scores
+from jeat.runs import load_trained
 from jeat.samplers import generate, sample_seeds
-from jeat.train import load_trained, train
 from jeat.utils import save_image_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def train_or_reuse(
         resume = (folder / "checkpoints" / "last.pt").exists()
         if folder.exists() and not resume:
             shutil.rmtree(folder)
-        train(cfg, folder, resume=resume, data=data)
+        train_and_finish(cfg, folder, resume=resume, data=data)
     model, _, _ = load_trained(folder)
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return model, statistics.mean(r["epoch_seconds"] for r in rows)
@@ -380,7 +381,7 @@ def objective_step_flops(
     counted in fp32 eager mode: the model FLOPs of model-FLOPs utilisation, whatever precision
     or compilation the timed run used; and that batch's size."""
     from jeat.objectives import create_objective
-    from jeat.train import build_model
+    from jeat.runs import build_model
 
     n = min(cfg.batch_size, len(data.x_train))
     x, y = data.x_train[:n].to(device), data.y_train[:n].to(device)

@@ -41,7 +41,8 @@ from jeat.config import TrainConfig, load_config
 from jeat.data import ImageDataset, load_dataset
 from jeat.evaluate import evaluate
 from jeat.objectives import create_objective
-from jeat.train import build_model, make_optimizer
+from jeat.runs import build_model
+from jeat.train import make_optimizer
 
 
 @dataclass

@@ -30,8 +30,9 @@ from jeat.attacks import LinfBall
 from jeat.config import load_config
 from jeat.data import load_dataset
 from jeat.evaluate import evaluate
+from jeat.finish import train_and_finish
 from jeat.models import create_model
-from jeat.train import load_trained, train
+from jeat.runs import load_trained
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
             model = load_trained(run)[0]
         else:
             cfg = load_config("digits-pgdat", ["progress=false", "final_samples=false"])
-            model = train(cfg, run, data=data).model
+            model = train_and_finish(cfg, run, data=data).model
     model.eval()
     eps = data.info.eps_linf
     results: dict = {

@@ -10,9 +10,10 @@ Two runs of ``jeat.train`` on the same config, data and seed, differing only in 
   ``--fast-channels-last`` and ``--no-compile`` change it).
 
 They advance one epoch per round, in an order rotated from round to round (each continues
-with ``train(..., resume=True)``), so a slow spell of the machine hits both alike. The first
-epoch of each is excluded from the timing (it pays ``torch.compile``'s compilation). The
-speed-up is eager time / fast time: the median of the per-epoch ratios with a 95% bootstrap
+with ``train_and_finish(..., resume=True)``), so a slow spell of the machine hits both
+alike. The first epoch of each is excluded from the timing (it pays ``torch.compile``'s
+compilation). The speed-up is eager time / fast time: the median of the per-epoch ratios
+with a 95% bootstrap
 interval, and the ratio of the median epoch times.
 
 Then both final models are evaluated in fp32 with the same attack seed on the same test points:
@@ -77,7 +78,8 @@ from common import (
 from jeat.accel import Accelerator
 from jeat.config import TrainConfig, load_config
 from jeat.data import ImageDataset, load_dataset
-from jeat.train import final_evaluation, load_trained, train
+from jeat.finish import final_evaluation, train_and_finish
+from jeat.runs import load_trained
 from jeat.utils import resolve_device
 
 EAGER, FAST = "fp32 eager", "fast"
@@ -115,7 +117,8 @@ def _log(line: str) -> None:
 def epochs_for_budget(
     args: argparse.Namespace, data: ImageDataset, work: Path, cuda: bool
 ) -> dict[str, Any]:
-    """Two throw-away epochs of each path, each its own ``train()`` call as in the timed run;
+    """Two throw-away epochs of each path, each its own ``train_and_finish()`` call as in the
+    timed run;
     the number of epochs of both paths that fits the rest of ``args.budget_s`` (one round of
     margin for the final evaluations), between 2 and ``args.epochs``. A round costs what the
     second calls took on the wall clock: the epoch, and the call's own set-up, checkpoint
@@ -126,12 +129,15 @@ def epochs_for_budget(
     for v in (EAGER, FAST):
         cfg, folder = make_cfg(args, v, cuda, epochs=2), work / f"calibrate-{v}"
         with quiet_stdout():
-            train(cfg, folder, data=data, stop_after=1)
+            train_and_finish(cfg, folder, data=data, stop_after=1)
             t0 = time.perf_counter()
-            result = train(cfg, folder, resume=True, data=data)
+            result = train_and_finish(cfg, folder, resume=True, data=data)
             wall[v] = time.perf_counter() - t0
         second[v] = float(result.metrics[-1]["epoch_seconds"])
-        _log(f"calibration: {v} {second[v]:.2f}s per epoch, {wall[v]:.2f}s per train() call")
+        _log(
+            f"calibration: {v} {second[v]:.2f}s per epoch, "
+            f"{wall[v]:.2f}s per train_and_finish() call"
+        )
     spent = time.perf_counter() - start
     per_round = sum(wall.values())
     fits = int((args.budget_s - spent - per_round) // per_round)
@@ -164,7 +170,9 @@ def run(args: argparse.Namespace, data: ImageDataset, work: Path) -> dict[str, A
     for e in range(args.epochs):
         for v in rotated(variants, e):
             with PeakMemory(device) as mem, quiet_stdout():
-                result = train(cfgs[v], work / v, resume=e > 0, data=data, stop_after=e + 1)
+                result = train_and_finish(
+                    cfgs[v], work / v, resume=e > 0, data=data, stop_after=e + 1
+                )
             last[v] = result.metrics[-1]
             seconds = float(last[v]["epoch_seconds"])
             measured[v].add(seconds, mem.peak)

@@ -64,8 +64,8 @@ def child(mode: str, task: str, calls: int, data_dir: str) -> dict[str, Any]:
     from jeat.attacks import PGD, LinfBall
     from jeat.config import load_config
     from jeat.data import ImageDataset, load_dataset
+    from jeat.finish import train_and_finish
     from jeat.models import create_model
-    from jeat.train import train
 
     applied = tune_host_allocator()
     if applied != (mode == "tuned"):
@@ -95,7 +95,7 @@ def child(mode: str, task: str, calls: int, data_dir: str) -> dict[str, Any]:
         def run() -> None:
             count[0] += 1
             with quiet_stdout():
-                train(cfg, work / str(count[0]), data=data)
+                train_and_finish(cfg, work / str(count[0]), data=data)
 
     run()  # warm-up
     seconds, faults, kernel = [], [], []

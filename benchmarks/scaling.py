@@ -23,7 +23,8 @@
     forward, 5.2 G multiply-adds, and a PGD-10 step some 25 times that); CUDA default: 128.
 
 Every row has a peak-memory column: on CUDA the peak allocated memory, on the CPU the host peak
-RSS above the RSS before the row (an epoch's ``train()`` call for (a), one step for (b), where
+RSS above the RSS before the row (an epoch's ``train_and_finish()`` call for (a), one step
+for (b), where
 all models are alive throughout, so their weights are in the baseline).
 
 Usage (the command that produced ``benchmarks/results/scaling/``)::
@@ -63,9 +64,10 @@ from common import (
 
 from jeat.config import load_config
 from jeat.data import ImageDataset, dataset_info, load_dataset
+from jeat.finish import train_and_finish
 from jeat.models import create_model
 from jeat.objectives import create_objective
-from jeat.train import make_optimizer, train
+from jeat.train import make_optimizer
 from jeat.utils import resolve_device
 
 CIFAR_SIZES = [1000, 2000, 3000, 4000, 5085]
@@ -116,7 +118,7 @@ def dataset_scaling(
         overrides = [*LEAN_OVERRIDES, "epochs=1", f"seed={args.seed}", f"device={args.device}"]
         cfg = load_config(f"{prefix}-pgdat", [*overrides, f"data.train_subset={n}", *extra])
         with PeakMemory(device) as mem, quiet_stdout():
-            result = train(cfg, folder, data=data)
+            result = train_and_finish(cfg, folder, data=data)
         return float(result.metrics[-1]["epoch_seconds"]), mem.peak
 
     cfg = load_config(f"{prefix}-pgdat", [*LEAN_OVERRIDES, *extra])

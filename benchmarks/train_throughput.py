@@ -6,7 +6,7 @@
    ``--data-dir`` holds it, else the ``digits-*`` configs on the embedded digits. Each
    objective's time per epoch is reported relative to ``standard``.
 2. A **reference PGD-AT loop** written here in plain PyTorch (not jeat's training code): the
-   same architecture built from the same initial-weight seed as ``train()``, the config's
+   same architecture built from the same initial-weight seed as ``train_and_finish()``, the config's
    optimiser (Adam, learning rate, betas, weight decay) with its linear warm-up and cosine
    schedule, the same batch size, PGD-10 inline (random start in the L-inf ball, signed steps of
    the config's step size, projection, model in eval mode during the attack as jeat's default
@@ -22,10 +22,12 @@
    is n/a.
 
 Interleaving: every variant advances one epoch per round, in an order rotated from round to
-round; our runs continue with ``train(..., resume=True)`` and one more epoch each round. The
+round; our runs continue with ``train_and_finish(..., resume=True)`` and one more epoch each
+round. The
 first epoch of every variant is excluded as warm-up; the rest give the median. A peak-memory
 column covers each row (CUDA: peak allocated; CPU: host peak RSS above the RSS before the
-row's ``train()`` call, which includes setting up the run and writing its checkpoint, or the
+row's ``train_and_finish()`` call, which includes setting up the run and writing its
+checkpoint, or the
 reference loop's epoch).
 
 CPU default: the first 1,024 images of the training set (``--train-size``; the whole 5,085-image
@@ -82,7 +84,8 @@ from torch import Tensor
 from jeat.accel import Accelerator
 from jeat.config import TrainConfig, load_config
 from jeat.data import ImageDataset, load_dataset
-from jeat.train import build_model, train
+from jeat.finish import train_and_finish
+from jeat.runs import build_model
 from jeat.utils import derive_seed, resolve_device
 
 OBJECTIVES = {"standard": "standard", "pgd-at": "pgdat", "jem": "jem", "jeat": "jeat"}
@@ -90,7 +93,7 @@ REFERENCE = "reference"
 
 
 class ReferencePGDAT:
-    """Madry PGD adversarial training in plain PyTorch, for comparison with ``train()``.
+    """Madry PGD adversarial training in plain PyTorch, for comparison with ``train_and_finish()``.
 
     jeat only builds the network (so both loops train the same architecture from the same
     initial weights); the loop, the attack, the loss, the optimiser and the schedule are
@@ -101,7 +104,9 @@ class ReferencePGDAT:
     def __init__(
         self, cfg: TrainConfig, data: ImageDataset, device: torch.device, compile: bool = True
     ) -> None:
-        torch.manual_seed(derive_seed(cfg.seed, 0, 0, 0))  # train()'s initial-weight seed
+        torch.manual_seed(
+            derive_seed(cfg.seed, 0, 0, 0)
+        )  # train_and_finish()'s initial-weight seed
         self.model = build_model(cfg, data.info).to(device)
         perf = Accelerator.from_perf(device, cfg.perf)
         self.amp, self.channels_last = perf.amp_dtype, perf.channels_last
@@ -270,7 +275,7 @@ def run(args: argparse.Namespace, data: ImageDataset, work: Path) -> dict[str, A
             else:
                 cfg = make_cfg(prefix, v, e + 1, args)
                 with PeakMemory(device) as mem, quiet_stdout():
-                    result = train(cfg, work / v, resume=e > 0, data=data)
+                    result = train_and_finish(cfg, work / v, resume=e > 0, data=data)
                 seconds = float(result.metrics[-1]["epoch_seconds"])
             measured[v].add(seconds, mem.peak)
             _log(f"  epoch {e + 1}/{args.epochs}: {v} {seconds:.2f}s")

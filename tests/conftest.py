@@ -10,7 +10,7 @@ import pytest
 from jeat.accel import tune_host_allocator
 from jeat.config import load_config
 from jeat.data import load_dataset
-from jeat.train import train
+from jeat.finish import train_and_finish
 
 # As the jeat command does (the CLI tests' subprocesses get it from there): reuse freed host
 # memory instead of faulting it in again at every step. It changes speed, never results.
@@ -33,7 +33,7 @@ def train_digits(root: Path, objective: str, epochs: int = 12, seed: int = 0, ex
         "digits-pgdat",
         [f"objective.name={objective}", f"epochs={epochs}", f"seed={seed}", *FAST, *extra],
     )
-    return train(cfg, root / f"{objective}-s{seed}-w", data=load_dataset("digits")).model
+    return train_and_finish(cfg, root / f"{objective}-s{seed}-w", data=load_dataset("digits")).model
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -20,10 +20,10 @@ from jeat.accel import Accelerator, resolve_amp
 from jeat.attacks import PGD, L2Ball, LinfBall
 from jeat.config import ObjectiveConfig, load_config
 from jeat.data import ImageDataset, dataset_info
+from jeat.finish import train_and_finish
 from jeat.models import create_model
 from jeat.objectives import create_objective, wrm_ascent
 from jeat.samplers import SGLD, SeededDescent
-from jeat.train import train
 
 CPU = torch.device("cpu")
 
@@ -228,7 +228,7 @@ def _run(tmp_path, name, extra, digits, epochs=8):
             *extra,
         ],  # fmt: skip
     )
-    return train(cfg, tmp_path / name, data=digits)
+    return train_and_finish(cfg, tmp_path / name, data=digits)
 
 
 @pytest.fixture(scope="module")

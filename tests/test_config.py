@@ -72,7 +72,7 @@ def test_every_dataset_has_all_four_objectives_and_bases_merge(tmp_path):
 def test_every_dataset_has_each_defence_config_and_it_builds():
     from jeat.data import dataset_info
     from jeat.objectives import create_objective
-    from jeat.train import build_model
+    from jeat.runs import build_model
 
     for ds in ("digits", "mnist", "cifar10"):
         info = dataset_info(ds)

@@ -27,9 +27,10 @@ from jeat.energy import (
     marginal_energy_from_logits,
 )
 from jeat.evaluate import evaluate
+from jeat.finish import train_and_finish
 from jeat.models import create_model
 from jeat.samplers import SGLD, SeededDescent
-from jeat.train import _Batches, train
+from jeat.train import _Batches
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)"
@@ -143,7 +144,7 @@ def test_cuda_training_step_waits_for_the_device_once(tmp_path, digits, config):
             f"digits-{config}",
             [*FAST, "device=cuda", "epochs=1", f"data.train_subset={images}", "batch_size=64"],
         )  # fmt: skip
-        train(cfg, tmp_path / name, data=digits)
+        train_and_finish(cfg, tmp_path / name, data=digits)
 
     run("warm-up", 128)  # one-time set-up (library handles, allocator pools) outside the count
     two, four = _syncs(lambda: run("two", 128)), _syncs(lambda: run("four", 256))
@@ -155,7 +156,7 @@ def _train(tmp_path, name, digits, perf):
         "digits-pgdat",
         [*FAST, "device=cuda", "epochs=8", "eval.epoch_n=360", "eval.epoch_steps=0", *perf],
     )
-    return train(cfg, tmp_path / name, data=digits)
+    return train_and_finish(cfg, tmp_path / name, data=digits)
 
 
 def test_cuda_fast_path_trains_as_well_as_fp32_and_saves_plain_fp32_weights(tmp_path, digits):

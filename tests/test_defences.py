@@ -109,10 +109,10 @@ def test_kwta_fools_naive_pgd_but_not_adaptive_attacks_or_the_sanity_rules(tmp_p
 def wrm_model(tmp_path_factory, digits):
     from conftest import FAST
 
-    from jeat.train import train
+    from jeat.finish import train_and_finish
 
     cfg = load_config("digits-wrm", FAST)
-    return train(cfg, tmp_path_factory.mktemp("wrm") / "run", data=digits).model
+    return train_and_finish(cfg, tmp_path_factory.mktemp("wrm") / "run", data=digits).model
 
 
 def test_wrm_is_more_robust_than_standard(digits, standard_model, wrm_model):

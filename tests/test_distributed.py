@@ -13,7 +13,8 @@ import torch
 from jeat import JeatError
 from jeat.config import load_config
 from jeat.distributed import DistContext, from_env, shard
-from jeat.train import _check_shards, load_trained
+from jeat.runs import load_trained
+from jeat.train import _check_shards
 
 QUIET = [
     "--quiet", "--set", "final_eval=false", "--set", "final_samples=false",

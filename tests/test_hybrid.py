@@ -5,7 +5,7 @@ from conftest import FAST
 from jeat.attacks import LinfBall
 from jeat.config import load_config
 from jeat.evaluate import evaluate
-from jeat.train import train
+from jeat.finish import train_and_finish
 
 
 def test_jeat_is_as_robust_as_pgdat_and_far_above_standard(
@@ -14,7 +14,7 @@ def test_jeat_is_as_robust_as_pgdat_and_far_above_standard(
     """The issue's robustness claim at digits scale: JEAT's PGD-20 accuracy is within 5 points
     of PGD-AT's (same model, attack and epochs) and far above the standard model's."""
     cfg = load_config("digits-jeat", FAST)
-    jeat = train(cfg, tmp_path / "jeat", data=digits).model
+    jeat = train_and_finish(cfg, tmp_path / "jeat", data=digits).model
     x, y = digits.x_test, digits.y_test
     threat = LinfBall(digits.info.eps_linf)
     rows = {

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from jeat.config import load_config
-from jeat.train import load_trained, train
+from jeat.finish import train_and_finish
+from jeat.runs import load_trained
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -54,7 +55,7 @@ def test_train_eval_generate_on_real_data(name, tmp_path):
             *extra,
         ],
     )
-    result = train(cfg, tmp_path / name)
+    result = train_and_finish(cfg, tmp_path / name)
     shape = (1, 28, 28) if name.startswith("mnist") else (3, 32, 32)
     model, meta, _ = load_trained(tmp_path / name)
     assert tuple(meta["image_shape"]) == shape and meta["num_classes"] == 10

@@ -15,8 +15,8 @@ from conftest import FAST
 
 from jeat import JeatError
 from jeat.config import load_config
+from jeat.finish import train_and_finish
 from jeat.report import SECTIONS, render_report, write_report
-from jeat.train import train
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -50,7 +50,7 @@ def jeat(*args):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, digits):
     run = tmp_path_factory.mktemp("report") / "run"
-    train(load_config("digits-pgdat", FULL), run, data=digits)
+    train_and_finish(load_config("digits-pgdat", FULL), run, data=digits)
     return run
 
 
@@ -82,7 +82,7 @@ def test_a_report_of_a_bare_run_says_what_is_missing_and_how_to_make_it(tmp_path
     run = tmp_path / "bare"
     cfg = load_config("digits-pgdat", [*FAST, "epochs=1", "model.options.width=8",
                                        "data.train_subset=200"])  # fmt: skip
-    train(cfg, run, data=digits)
+    train_and_finish(cfg, run, data=digits)
     page = render_report(run)
     for sid, _ in SECTIONS:
         assert f'<section id="{sid}">' in page
@@ -171,8 +171,10 @@ def test_tensorboard_logs_every_epoch_and_a_resume_continues_the_curve(tmp_path,
 
     run = tmp_path / "tb"
     small = [*FAST, "model.options.width=8", "data.train_subset=200", "eval.epoch_n=50"]
-    train(load_config("digits-pgdat", [*small, "epochs=2"]), run, data=digits)
-    train(load_config("digits-pgdat", [*small, "epochs=3"]), run, resume=True, data=digits)
+    train_and_finish(load_config("digits-pgdat", [*small, "epochs=2"]), run, data=digits)
+    train_and_finish(
+        load_config("digits-pgdat", [*small, "epochs=3"]), run, resume=True, data=digits
+    )
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
@@ -201,5 +203,5 @@ def test_tensorboard_true_without_the_package_is_a_clear_error(tmp_path, digits,
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     cfg = load_config("digits-pgdat", [*FAST, "epochs=1", "tensorboard=true"])
     with pytest.raises(JeatError, match=r"pip install 'jeat\[tensorboard\]'"):
-        train(cfg, tmp_path / "tb", data=digits)
+        train_and_finish(cfg, tmp_path / "tb", data=digits)
     assert not (tmp_path / "tb").exists()

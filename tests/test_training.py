@@ -11,7 +11,9 @@ from conftest import FAST
 from jeat import JeatError
 from jeat.checkpoint import load_checkpoint
 from jeat.config import load_config
-from jeat.train import RunPaths, load_trained, lr_factor, train
+from jeat.finish import train_and_finish
+from jeat.runs import RunPaths, load_trained
+from jeat.train import lr_factor
 
 
 def _tiny(extra=()):
@@ -34,15 +36,15 @@ def _states_equal(a, b):
 
 
 def test_same_seed_same_weights_and_metrics_are_written(tmp_path):
-    a = train(_tiny(), tmp_path / "a")
-    b = train(_tiny(), tmp_path / "b")
+    a = train_and_finish(_tiny(), tmp_path / "a")
+    b = train_and_finish(_tiny(), tmp_path / "b")
     assert _states_equal(a.model.state_dict(), b.model.state_dict())
     rows = [
         json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert {"train_loss", "train_acc", "lr", "epoch_seconds"} <= set(rows[0])
-    c = train(_tiny(["seed=1"]), tmp_path / "c")
+    c = train_and_finish(_tiny(["seed=1"]), tmp_path / "c")
     assert not _states_equal(a.model.state_dict(), c.model.state_dict())
 
 
@@ -95,16 +97,18 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
 def test_stop_after_then_resume_equals_an_uninterrupted_run(tmp_path):
     """``stop_after`` keeps the whole run's schedule: epoch by epoch it ends where one call
     does, and a stopped run has a checkpoint but no model.pt (the final steps did not run)."""
-    whole = train(_tiny(), tmp_path / "whole")
-    part = train(_tiny(), tmp_path / "part", stop_after=1)
+    whole = train_and_finish(_tiny(), tmp_path / "whole")
+    part = train_and_finish(_tiny(), tmp_path / "part", stop_after=1)
     assert [r["epoch"] for r in part.metrics] == [1] and part.eval is None
     paths = RunPaths(tmp_path / "part")
     assert paths.checkpoint.exists() and not paths.model.exists()
     assert load_checkpoint(paths.checkpoint)["epoch"] == 1
-    part = train(_tiny(), tmp_path / "part", resume=True, stop_after=3)
+    part = train_and_finish(_tiny(), tmp_path / "part", resume=True, stop_after=3)
     assert part.resumed_from_epoch == 1 and [r["epoch"] for r in part.metrics] == [1, 2, 3]
     assert not paths.model.exists()
-    done = train(_tiny(), tmp_path / "part", resume=True, stop_after=9)  # past the end: finish
+    done = train_and_finish(
+        _tiny(), tmp_path / "part", resume=True, stop_after=9
+    )  # past the end: finish
     assert paths.model.exists() and [r["epoch"] for r in done.metrics] == [1, 2, 3, 4]
     assert _states_equal(whole.model.state_dict(), done.model.state_dict())
     rows = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
@@ -112,16 +116,16 @@ def test_stop_after_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert [r["lr"] for r in done.metrics] == lr
     for bad in (0, -1, 1.5, True):
         with pytest.raises(JeatError, match="stop_after must be an epoch number"):
-            train(_tiny(), tmp_path / "bad", stop_after=bad)
+            train_and_finish(_tiny(), tmp_path / "bad", stop_after=bad)
     assert not (tmp_path / "bad").exists()
 
 
 def test_resume_with_changed_settings_is_refused(tmp_path):
-    train(_tiny(["epochs=1"]), tmp_path / "r")
+    train_and_finish(_tiny(["epochs=1"]), tmp_path / "r")
     with pytest.raises(JeatError, match="different config.*optim"):
-        train(_tiny(["epochs=2", "optim.lr=0.5"]), tmp_path / "r", resume=True)
+        train_and_finish(_tiny(["epochs=2", "optim.lr=0.5"]), tmp_path / "r", resume=True)
     # extending the number of epochs is allowed
-    res = train(_tiny(["epochs=2"]), tmp_path / "r2")
+    res = train_and_finish(_tiny(["epochs=2"]), tmp_path / "r2")
     assert res.resumed_from_epoch is None
 
 
@@ -130,7 +134,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
     with pytest.raises(
         JeatError, match="training diverged.*the loss is nan.*did not recover.*lower optim.lr"
     ):
-        train(cfg, tmp_path / "nan")
+        train_and_finish(cfg, tmp_path / "nan")
 
 
 def test_errors_before_any_file_is_written(tmp_path):
@@ -144,12 +148,12 @@ def test_errors_before_any_file_is_written(tmp_path):
         (["data.name=mnist", f"data.root={tmp_path / 'empty'}"], "download"),
     ):
         with pytest.raises(JeatError, match=message):
-            train(_tiny(overrides), out)
+            train_and_finish(_tiny(overrides), out)
         assert not out.exists()
 
 
 def test_corrupt_or_mismatched_checkpoints_fail_clearly(tmp_path):
-    res = train(_tiny(["epochs=1"]), tmp_path / "ok")
+    res = train_and_finish(_tiny(["epochs=1"]), tmp_path / "ok")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(RunPaths(res.paths.root).model.read_bytes()[:500])
     with pytest.raises(JeatError, match="corrupt"):
@@ -176,27 +180,27 @@ def test_lr_schedules():
 
 
 def test_amsgrad_and_sgd_options_build(tmp_path):
-    res = train(_tiny(["epochs=1", "optim.amsgrad=true"]), tmp_path / "ams")
+    res = train_and_finish(_tiny(["epochs=1", "optim.amsgrad=true"]), tmp_path / "ams")
     state = load_checkpoint(res.paths.checkpoint)["optimizer_state"]
     assert state["param_groups"][0]["amsgrad"] is True
 
 
 def test_warm_start_copies_weights_and_checks_the_architecture(tmp_path):
-    source = train(_tiny(["epochs=1"]), tmp_path / "src")
-    warm = train(
+    source = train_and_finish(_tiny(["epochs=1"]), tmp_path / "src")
+    warm = train_and_finish(
         _tiny(["epochs=1", "optim.lr=1e-12", f"model.init_from={tmp_path / 'src'}"]),
         tmp_path / "warm",
     )
-    cold = train(_tiny(["epochs=1", "optim.lr=1e-12", "seed=1"]), tmp_path / "cold")
+    cold = train_and_finish(_tiny(["epochs=1", "optim.lr=1e-12", "seed=1"]), tmp_path / "cold")
     a, b = source.model.state_dict(), warm.model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     c = cold.model.state_dict()
     assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
     with pytest.raises(JeatError, match="init_from.*width"):
-        train(
+        train_and_finish(
             _tiny(["model.options.width=16", f"model.init_from={tmp_path / 'src'}"]),
             tmp_path / "bad",
         )
     assert not (tmp_path / "bad").exists()
     with pytest.raises(JeatError, match="does not exist"):
-        train(_tiny(["model.init_from=/no/such/run"]), tmp_path / "bad2")
+        train_and_finish(_tiny(["model.init_from=/no/such/run"]), tmp_path / "bad2")

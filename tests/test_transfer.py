@@ -14,8 +14,8 @@ from jeat.attacks.pgd import PGD
 from jeat.attacks.threats import LinfBall
 from jeat.attacks.transfer import SGM, Transfer, residual_branches, skip_gradient
 from jeat.config import load_config
+from jeat.finish import train_and_finish
 from jeat.models import PreActBlock, create_model
-from jeat.train import train
 
 EPS = 0.2  # the digits default budget
 
@@ -244,7 +244,9 @@ def test_transfer_leaves_both_models_as_found(digits):
 @pytest.fixture(scope="module")
 def source_model(tmp_path_factory, digits):
     cfg = load_config("digits-source", FAST)
-    return train(cfg, tmp_path_factory.mktemp("runs") / "source", data=digits).model.eval()
+    return train_and_finish(
+        cfg, tmp_path_factory.mktemp("runs") / "source", data=digits
+    ).model.eval()
 
 
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:

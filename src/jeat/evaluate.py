@@ -31,7 +31,9 @@ import csv
 import io
 import math
 import re
+import sys
 import time
+import types
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -56,6 +58,8 @@ from jeat.energy import check_labels
 from jeat.errors import JeatError
 
 __all__ = [
+    "evaluate_model",
+    "model_device",
     "AttackSpec",
     "BuiltAttack",
     "EvalContext",
@@ -68,6 +72,8 @@ __all__ = [
     "evaluate",
     "accuracy",
     "CATEGORIES",
+    "table_warnings",
+    "MASKING",
 ]
 
 # What kind of evidence each attack gives; the sanity rules compare categories.
@@ -100,7 +106,7 @@ class BuiltAttack:
 @dataclass
 class EvalContext:
     """What some attacks need beyond the threat model: a seed, and a loader for source models
-    of transfer attacks (``source=PATH``; default: :func:`jeat.train.load_trained`)."""
+    of transfer attacks (``source=PATH``; default: :func:`jeat.runs.load_trained`)."""
 
     seed: int = 0
     device: torch.device | str = "cpu"
@@ -112,7 +118,7 @@ class EvalContext:
     def source(self, path: str) -> nn.Module:
         if path not in self.sources:
             if self.load_model is None:
-                from jeat.train import load_trained
+                from jeat.runs import load_trained
 
                 model = load_trained(path, device="cpu")[0]
             else:
@@ -542,15 +548,13 @@ def evaluate(
     rules that this table can check (see :mod:`jeat.sanity`) and the reference AutoAttack's
     own warnings.
     """
-    from jeat.sanity import table_warnings
-
     if mode not in ("cascade", "independent"):
         raise JeatError(f"unknown evaluation mode '{mode}'; use cascade or independent")
     check_images(x, "test images")
     if int(batch_size) != batch_size or batch_size < 1:
         raise JeatError(f"batch size must be an integer >= 1, got {batch_size}")
     specs = parse_attacks(attacks)
-    device = next(model.parameters()).device
+    device = model_device(model)
     with model_mode(model, True):
         width = model_width(model, x[:1].to(device), num_classes) if len(x) else 0
     y = check_labels(y, width or 1, len(x))
@@ -626,3 +630,174 @@ def _describe_stage(b: BuiltAttack) -> str:
 
 def _pct(count: Tensor | int, n: int) -> float:
     return 100.0 * float(count) / max(1, n)
+
+
+MASKING = "a likely sign of gradient masking"
+
+
+def table_warnings(
+    result: EvalResult, built: list[BuiltAttack], tolerance: float = 3.0
+) -> list[str]:
+    """The masking rules a finished table can check (rules 2 and 3 of :mod:`jeat.sanity`: more
+    steps never help the defender; white-box attacks beat black-box and transfer ones), plus the
+    reference AutoAttack's own warnings. Only rows under the same threat model are compared."""
+    out: list[str] = []
+    meta = {}
+    for b in built:
+        for name, _, _ in b.stages:
+            meta[name] = b
+    rows = [r for r in result.rows if r.category != "clean"]
+    n = max(1, result.n)
+    # at least two points of slack: one point flips with the random start on small tables
+    tolerance = max(tolerance, 200.0 / n)
+    for i, r in enumerate(rows):
+        b = meta.get(r.attack)
+        earlier = [p for p in rows[:i] if p.threat == r.threat]
+        if result.mode == "cascade":
+            extra = 100.0 * r.broken / n
+            if extra <= tolerance:
+                continue
+            white = [p for p in earlier if p.category == "white-box"]
+            if r.category in ("black-box", "transfer") and white:
+                out.append(
+                    f"{r.attack} ({r.category}) broke {r.broken} points ({extra:.1f}% of all) "
+                    f"that survived the white-box attacks before it "
+                    f"({', '.join(p.attack for p in white)}): white-box attacks should be "
+                    f"stronger; {MASKING}"
+                )
+            stronger = [
+                p
+                for p in white
+                if b is not None
+                and b.steps is not None
+                and (pb := meta.get(p.attack)) is not None
+                and pb.loss == b.loss
+                and (pb.steps or 0) > b.steps
+            ]
+            if r.category == "white-box" and stronger:
+                out.append(
+                    f"{r.attack} ({b.steps} steps) broke {r.broken} points ({extra:.1f}%) that "
+                    f"survived {stronger[0].attack} ({meta[stronger[0].attack].steps} steps): "
+                    f"more steps should never help the defender; {MASKING}"
+                )
+        else:
+            if r.accuracy is None:
+                continue
+            white = [p for p in earlier + rows[i + 1 :] if p.threat == r.threat]
+            white = [p for p in white if p.category == "white-box" and p.accuracy is not None]
+            if r.category in ("black-box", "transfer") and white:
+                best = min(white, key=lambda p: p.accuracy)
+                if r.accuracy < best.accuracy - tolerance:
+                    out.append(
+                        f"{r.attack} ({r.category}) reaches {r.accuracy:.1f}% but the best "
+                        f"white-box attack only {best.attack} {best.accuracy:.1f}%: white-box "
+                        f"attacks should be stronger; {MASKING}"
+                    )
+            if r.category == "white-box" and b is not None and b.steps is not None:
+                for p in white:
+                    pb = meta.get(p.attack)
+                    if (
+                        pb is not None
+                        and pb.loss == b.loss
+                        and pb.steps is not None
+                        and b.steps > pb.steps
+                        and r.accuracy > p.accuracy + tolerance
+                    ):
+                        out.append(
+                            f"{r.attack} ({b.steps} steps) leaves {r.accuracy:.1f}% but "
+                            f"{p.attack} ({pb.steps} steps) {p.accuracy:.1f}%: more steps "
+                            f"should never help the defender; {MASKING}"
+                        )
+    for b in built:
+        for w in b.warnings:
+            out.append(f"{b.spec.label} (reference implementation): {w}")
+    return out
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model with none."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _collect(data: Any) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` tensors from a pair of tensors or from an iterable of ``(x, y)`` batches (a
+    ``DataLoader``), on the host."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        x, y = data
+        if not isinstance(y, Tensor):
+            y = torch.as_tensor(y)
+        return x, y
+    if isinstance(data, Tensor):
+        raise JeatError("data must be (x, y): images and their labels, not images alone")
+    xs, ys = [], []
+    try:
+        batches = iter(data)
+    except TypeError:
+        raise JeatError(
+            f"data must be (x, y) tensors or a DataLoader of (x, y) batches, got "
+            f"{type(data).__name__}"
+        ) from None
+    for batch in batches:
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+            raise JeatError("every batch of the DataLoader must be (images, labels)")
+        xs.append(torch.as_tensor(batch[0]).detach().cpu())
+        ys.append(torch.as_tensor(batch[1]).detach().cpu())
+    if not xs:
+        raise JeatError("the DataLoader gave no batches")
+    return torch.cat(xs), torch.cat(ys)
+
+
+def evaluate_model(
+    model: nn.Module,
+    data: Any,
+    attacks: str | list[str] | None = None,
+    *,
+    eps: float,
+    norm: str = "linf",
+    mode: str = "cascade",
+    batch_size: int = 256,
+    seed: int = 0,
+    num_classes: int | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """The notebook API, also reachable as ``jeat.evaluate(model, data, ...)``: the robustness
+    table of any classifier that returns logits for images in [0, 1].
+
+    ``data`` is ``(x, y)`` tensors or a ``DataLoader`` of ``(x, y)`` batches; the attacks run on
+    the model's device (the data follow it). ``attacks`` default to the main job's table
+    (``eval.attacks`` of the default config); ``eps`` is in [0, 1] pixel units under ``norm``
+    (``linf`` or ``l2``). Returns the :class:`EvalResult` that ``jeat eval`` prints
+    (``.table()``, ``.markdown()``, ``.csv()``, ``.to_dict()``, ``.rows``)."""
+    from jeat.config import load_config
+
+    if not isinstance(model, nn.Module):
+        raise JeatError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    x, y = _collect(data)
+    if attacks is None:
+        attacks = list(load_config(None).eval.attacks)
+    threat = make_threat(str(norm).lower(), float(eps))
+    return evaluate(
+        model,
+        x,
+        y,
+        attacks,
+        threat,
+        batch_size=batch_size,
+        seed=seed,
+        mode=mode,
+        num_classes=num_classes,
+        progress=progress,
+    )
+
+
+class _CallableModule(types.ModuleType):
+    """``jeat.evaluate(model, data, ...)`` calls :func:`evaluate_model`, while
+    ``jeat.evaluate`` stays this module (``from jeat.evaluate import evaluate``)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> EvalResult:
+        return evaluate_model(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -446,7 +446,8 @@ def train_judge(
     from jeat.attacks import LinfBall
     from jeat.data import load_dataset
     from jeat.evaluate import evaluate
-    from jeat.train import load_trained, train
+    from jeat.runs import load_trained
+    from jeat.train import train
 
     cfg = judge_config(dataset, epochs, (*overrides, *(() if progress else ("progress=false",))))
     folder = Path(folder) if folder is not None else judge_dir(dataset)
@@ -470,7 +471,7 @@ def load_judge(dataset: str, path: str | Path | None = None) -> nn.Module:
     """The cached judge of ``dataset`` (or the run at ``path``); a clear error when there is
     none yet."""
     from jeat.data import dataset_info
-    from jeat.train import load_trained
+    from jeat.runs import load_trained
 
     folder = Path(path) if path is not None else judge_dir(dataset)
     if not (folder / "model.pt").exists() and not folder.is_file():

@@ -10,8 +10,9 @@ it; each violated rule is reported as a likely sign of masking:
 3. white-box attacks beat black-box (Square) and transfer attacks;
 4. an unbounded attack (the whole [0, 1] box) reaches (near) 0% accuracy.
 
-:func:`table_warnings` applies rules 2-3 to whatever a robustness table already holds (run by
-every :func:`jeat.evaluate.evaluate`); :func:`sanity_checks` runs all four on purpose
+:func:`jeat.evaluate.table_warnings` (re-exported here) applies rules 2-3 to whatever a
+robustness table already holds (run by every :func:`jeat.evaluate.evaluate`);
+:func:`sanity_checks` runs all four on purpose
 (``jeat eval --sanity``). A tolerance (percentage points, default 3) absorbs the noise of
 random starts on a few hundred points.
 """
@@ -29,9 +30,10 @@ from torch import Tensor, nn
 
 from jeat.attacks import ThreatModel
 from jeat.errors import JeatError
+from jeat.evaluate import table_warnings
 
 if TYPE_CHECKING:
-    from jeat.evaluate import BuiltAttack, EvalContext, EvalResult
+    from jeat.evaluate import EvalContext
 
 __all__ = [
     "Check",
@@ -46,86 +48,6 @@ __all__ = [
 
 # the default budgets of a robustness curve, as multiples of the threat model's eps
 CURVE_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-
-_MASKING = "a likely sign of gradient masking"
-
-
-def table_warnings(
-    result: EvalResult, built: list[BuiltAttack], tolerance: float = 3.0
-) -> list[str]:
-    """The masking rules a finished table can check, plus the reference AutoAttack's own
-    warnings. Only rows under the same threat model are compared."""
-    out: list[str] = []
-    meta = {}
-    for b in built:
-        for name, _, _ in b.stages:
-            meta[name] = b
-    rows = [r for r in result.rows if r.category != "clean"]
-    n = max(1, result.n)
-    # at least two points of slack: one point flips with the random start on small tables
-    tolerance = max(tolerance, 200.0 / n)
-    for i, r in enumerate(rows):
-        b = meta.get(r.attack)
-        earlier = [p for p in rows[:i] if p.threat == r.threat]
-        if result.mode == "cascade":
-            extra = 100.0 * r.broken / n
-            if extra <= tolerance:
-                continue
-            white = [p for p in earlier if p.category == "white-box"]
-            if r.category in ("black-box", "transfer") and white:
-                out.append(
-                    f"{r.attack} ({r.category}) broke {r.broken} points ({extra:.1f}% of all) "
-                    f"that survived the white-box attacks before it "
-                    f"({', '.join(p.attack for p in white)}): white-box attacks should be "
-                    f"stronger; {_MASKING}"
-                )
-            stronger = [
-                p
-                for p in white
-                if b is not None
-                and b.steps is not None
-                and (pb := meta.get(p.attack)) is not None
-                and pb.loss == b.loss
-                and (pb.steps or 0) > b.steps
-            ]
-            if r.category == "white-box" and stronger:
-                out.append(
-                    f"{r.attack} ({b.steps} steps) broke {r.broken} points ({extra:.1f}%) that "
-                    f"survived {stronger[0].attack} ({meta[stronger[0].attack].steps} steps): "
-                    f"more steps should never help the defender; {_MASKING}"
-                )
-        else:
-            if r.accuracy is None:
-                continue
-            white = [p for p in earlier + rows[i + 1 :] if p.threat == r.threat]
-            white = [p for p in white if p.category == "white-box" and p.accuracy is not None]
-            if r.category in ("black-box", "transfer") and white:
-                best = min(white, key=lambda p: p.accuracy)
-                if r.accuracy < best.accuracy - tolerance:
-                    out.append(
-                        f"{r.attack} ({r.category}) reaches {r.accuracy:.1f}% but the best "
-                        f"white-box attack only {best.attack} {best.accuracy:.1f}%: white-box "
-                        f"attacks should be stronger; {_MASKING}"
-                    )
-            if r.category == "white-box" and b is not None and b.steps is not None:
-                for p in white:
-                    pb = meta.get(p.attack)
-                    if (
-                        pb is not None
-                        and pb.loss == b.loss
-                        and pb.steps is not None
-                        and b.steps > pb.steps
-                        and r.accuracy > p.accuracy + tolerance
-                    ):
-                        out.append(
-                            f"{r.attack} ({b.steps} steps) leaves {r.accuracy:.1f}% but "
-                            f"{p.attack} ({pb.steps} steps) {p.accuracy:.1f}%: more steps "
-                            f"should never help the defender; {_MASKING}"
-                        )
-    for b in built:
-        for w in b.warnings:
-            out.append(f"{b.spec.label} (reference implementation): {w}")
-    return out
 
 
 @dataclass

@@ -1,19 +1,10 @@
-"""The training loop: one loop for every objective.
+"""The training loop: one loop for every objective, and nothing else.
 
-A run lives in one folder::
-
-    RUN/config.yaml          resolved config (what was run)
-    RUN/run.json             versions, command line, dataset and model facts
-    RUN/metrics.jsonl        one JSON line per epoch
-    RUN/events.jsonl         divergences detected and recovered from (if any)
-    RUN/checkpoints/last.pt  latest checkpoint (atomic; model, optimiser, objective state)
-    RUN/model.pt             final weights + metadata (what eval/generate load)
-    RUN/eval.json            final robustness table (+ eval.md, curve-pgd20-linf.{csv,png})
-    RUN/samples.png          class-conditional samples, one row per class
-    RUN/analysis/            energy landscape: analysis.json and four PNGs (jeat.analysis)
-    RUN/scores.json          judge-IS / judge-FID of generated samples (jeat.metrics)
-    RUN/report.html          everything above on one self-contained page (jeat.report)
-    RUN/tensorboard/         TensorBoard event files, when tensorboard is installed
+:func:`train` trains (or resumes) a run into its folder (layout: :mod:`jeat.runs`): it writes
+``config.yaml``, ``run.json``, ``metrics.jsonl``, ``events.jsonl``, ``checkpoints/last.pt`` and,
+when the last epoch is done, ``model.pt``. A run's final steps (evaluation, samples, energy
+analysis, judge scores, report) are :mod:`jeat.finish`'s; ``jeat train`` runs both
+(:func:`jeat.finish.train_and_finish`).
 
 Under ``torchrun`` the run is data-parallel (:mod:`jeat.distributed`): every rank trains, rank
 0 alone writes the folder. The training step's precision, memory layout and compilation are the
@@ -48,36 +39,19 @@ import torch
 import yaml
 from torch import nn
 
-import jeat
 from jeat import distributed
 from jeat.accel import Accelerator
-from jeat.attacks import make_threat
 from jeat.checkpoint import load_checkpoint, load_state_into, save_checkpoint
-from jeat.config import TrainConfig, config_from_dict, config_to_dict, validate_config
+from jeat.config import TrainConfig, config_to_dict, validate_config
 from jeat.data import DatasetInfo, ImageDataset, augment_batch, dataset_info, load_dataset
 from jeat.distributed import DistContext, ObjectiveStep
 from jeat.errors import JeatError
-from jeat.evaluate import EvalContext, EvalResult, evaluate
-from jeat.models import create_model
+from jeat.evaluate import EvalResult, evaluate
 from jeat.objectives import Objective, create_objective
-from jeat.samplers import generate
-from jeat.sanity import CURVE_FACTORS, Curve, robustness_curve, write_curve
-from jeat.utils import atomic_write, derive_seed, resolve_device, save_image_grid, write_json
+from jeat.runs import RunPaths, build_model, eval_threat, load_trained, run_meta
+from jeat.utils import atomic_write, derive_seed, resolve_device, write_json
 
-__all__ = [
-    "RunPaths",
-    "TrainResult",
-    "train",
-    "build_model",
-    "load_trained",
-    "make_optimizer",
-    "lr_factor",
-    "generate_samples",
-    "final_evaluation",
-    "final_analysis",
-    "final_scores",
-    "eval_threat",
-]
+__all__ = ["TrainResult", "train", "train_view", "make_optimizer", "lr_factor"]
 
 # Config keys that may change when a run is resumed (everything else must match).
 _RESUMABLE_CHANGES = {
@@ -98,77 +72,30 @@ _RESUMABLE_CHANGES = {
 }
 
 
-@dataclass(frozen=True)
-class RunPaths:
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def run_info(self) -> Path:
-        return self.root / "run.json"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "checkpoints" / "last.pt"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "model.pt"
-
-    @property
-    def events(self) -> Path:
-        return self.root / "events.jsonl"
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval.json"
-
-    @property
-    def analysis(self) -> Path:
-        return self.root / "analysis"
-
-    @property
-    def scores(self) -> Path:
-        return self.root / "scores.json"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.html"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
-
-    @property
-    def samples(self) -> Path:
-        return self.root / "samples.png"
-
-
 @dataclass
 class TrainResult:
+    """What :func:`train` returns. ``complete``: every epoch is done and ``model.pt`` written
+    (false after ``stop_after``). ``data`` is what the run trained on (``data.train_subset``
+    applied), ``full_data`` the whole dataset. ``eval`` is the final robustness table once
+    :func:`jeat.finish.finish_run` has run."""
+
     paths: RunPaths
     model: nn.Module
     metrics: list[dict[str, Any]]
     eval: EvalResult | None
     resumed_from_epoch: int | None
+    complete: bool = False
+    data: ImageDataset | None = None
+    full_data: ImageDataset | None = None
 
 
-def build_model(cfg: TrainConfig, info: DatasetInfo) -> nn.Sequential:
-    return create_model(
-        cfg.model.name,
-        in_channels=info.shape[0],
-        num_classes=info.num_classes,
-        mean=info.mean,
-        std=info.std,
-        **cfg.model.options,
-    )
+def train_view(cfg: TrainConfig, data: ImageDataset) -> ImageDataset:
+    """The data a run of ``cfg`` trains on: the first ``data.train_subset`` training images
+    (all when it is None) and the whole test set."""
+    m = cfg.data.train_subset
+    if m is None:
+        return data
+    return ImageDataset(data.info, data.x_train[:m], data.y_train[:m], data.x_test, data.y_test)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -207,50 +134,6 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
     if s.name == "multistep":
         return s.gamma ** sum(progress >= m for m in s.milestones)
     raise JeatError(f"unknown schedule '{s.name}'; choose constant, cosine or multistep")
-
-
-def _meta(cfg: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
-    return {
-        "model": cfg.model.name,
-        "model_options": dict(cfg.model.options),
-        "dataset": info.name,
-        "in_channels": info.shape[0],
-        "image_shape": list(info.shape),
-        "num_classes": info.num_classes,
-        "mean": list(info.mean),
-        "std": list(info.std),
-        "objective": cfg.objective.name,
-        "jeat_version": jeat.__version__,
-        "torch_version": str(torch.__version__),
-    }
-
-
-def load_trained(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict, TrainConfig]:
-    """Load a trained model from a run folder (``model.pt``, else the last checkpoint) or a
-    checkpoint file. Returns the model in eval mode, its metadata and its training config."""
-    path = Path(path)
-    if path.is_dir():
-        paths = RunPaths(path)
-        path = paths.model if paths.model.exists() else paths.checkpoint
-        if not path.exists():
-            raise JeatError(f"{paths.root} holds no model.pt or checkpoints/last.pt; train first")
-    payload = load_checkpoint(path, map_location="cpu")
-    try:
-        meta, cfg = payload["meta"], config_from_dict(TrainConfig, payload["config"])
-        state = payload["model_state"]
-    except (KeyError, TypeError, JeatError):
-        raise JeatError(f"checkpoint {path} lacks model metadata; it is not a jeat model") from None
-    model = create_model(
-        meta["model"],
-        in_channels=meta["in_channels"],
-        num_classes=meta["num_classes"],
-        mean=meta["mean"],
-        std=meta["std"],
-        **meta["model_options"],
-    )
-    load_state_into(model, state, path, "model")
-    model.to(resolve_device(device)).eval()
-    return model, meta, cfg
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, root: Path) -> None:
@@ -301,163 +184,6 @@ def _epoch_check(
     return out
 
 
-def eval_threat(cfg: TrainConfig, info: DatasetInfo):
-    norm = cfg.eval.norm.lower()
-    eps = cfg.eval.eps
-    if eps is None:
-        eps = info.eps_l2 if norm == "l2" else info.eps_linf
-    return make_threat(norm, eps)
-
-
-def final_evaluation(
-    cfg: TrainConfig,
-    model: nn.Module,
-    data: ImageDataset,
-    attacks: list[str] | None = None,
-    mode: str | None = None,
-    context: EvalContext | None = None,
-    progress: bool = False,
-    seed: int | None = None,
-) -> EvalResult:
-    """The robustness table on the first ``eval.n`` test points (``eval.mode`` unless given;
-    attack seeds from the run's seed unless ``seed`` is given)."""
-    n = len(data.x_test) if cfg.eval.n is None else min(cfg.eval.n, len(data.x_test))
-    return evaluate(
-        model,
-        data.x_test[:n],
-        data.y_test[:n],
-        attacks or cfg.eval.attacks,
-        eval_threat(cfg, data.info),
-        batch_size=cfg.eval.batch_size,
-        seed=derive_seed(cfg.seed, 11) if seed is None else seed,
-        mode=mode or cfg.eval.mode,
-        num_classes=data.info.num_classes,
-        context=context,
-        progress=progress,
-    )
-
-
-def generate_samples(
-    model: nn.Module,
-    data: ImageDataset,
-    cfg: TrainConfig,
-    classes: list[int] | None = None,
-    n_per_class: int | None = None,
-    seed: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Samples as ``cfg.generate`` describes (see :func:`jeat.samplers.generate`)."""
-    return generate(
-        model,
-        data,
-        cfg.generate,
-        classes=classes,
-        n_per_class=n_per_class,
-        seed=derive_seed(cfg.seed if seed is None else seed, 13),
-    )
-
-
-def final_curve(cfg: TrainConfig, model: nn.Module, data: ImageDataset) -> Curve:
-    """Accuracy under ``eval.curve`` at :data:`jeat.sanity.CURVE_FACTORS` times the budget, on
-    the final evaluation's points."""
-    n = len(data.x_test) if cfg.eval.n is None else min(cfg.eval.n, len(data.x_test))
-    threat = eval_threat(cfg, data.info)
-    return robustness_curve(
-        model,
-        data.x_test[:n],
-        data.y_test[:n],
-        str(cfg.eval.curve),
-        threat,
-        [f * threat.eps for f in CURVE_FACTORS],
-        cfg.eval.batch_size,
-        derive_seed(cfg.seed, 11),
-    )
-
-
-def final_analysis(
-    runs: dict[str, tuple[nn.Module, TrainConfig]],
-    data: ImageDataset,
-    out_dir: str | Path | None,
-    n: int | None = None,
-    grid: int | None = None,
-    samples_per_class: int | None = None,
-    eps: float | None = None,
-    seed: int = 0,
-    plots: bool = True,
-):
-    """:func:`jeat.analysis.analyze` for trained runs ``{name: (model, config)}`` on the first
-    ``n`` test images (default ``analysis.n`` of the first run's config), with each model's
-    own samples (``analysis.samples_per_class`` per class, its ``generate`` settings) in the
-    histograms. ``eps`` (L-inf) defaults to the run's evaluation budget when that is L-inf,
-    else the dataset's L-inf budget."""
-    from jeat.analysis import analyze
-
-    if not runs:
-        raise JeatError("give at least one run to analyse")
-    first = next(iter(runs.values()))[1]
-    a = first.analysis
-    n = min(a.n if n is None else n, len(data.x_test))
-    if eps is None:
-        norm = first.eval.norm.lower()
-        eps = eval_threat(first, data.info).eps if norm == "linf" else data.info.eps_linf
-    per_class = a.samples_per_class if samples_per_class is None else samples_per_class
-    generated = None
-    if per_class > 0:
-        generated = {
-            name: generate_samples(model, data, cfg, n_per_class=per_class)[0]
-            for name, (model, cfg) in runs.items()
-        }
-    return analyze(
-        {name: model for name, (model, _) in runs.items()},
-        data.x_test[:n],
-        data.y_test[:n],
-        eps=float(eps),
-        out_dir=out_dir,
-        grid=a.grid if grid is None else grid,
-        generated=generated,
-        seed=seed,
-        plots=plots,
-    )
-
-
-def final_scores(
-    cfg: TrainConfig,
-    model: nn.Module,
-    data: ImageDataset,
-    out: str | Path | None = None,
-    judge: str | Path | None = None,
-):
-    """Judge-IS / judge-FID of ``analysis.score_per_class`` samples per class (the run's
-    ``generate`` settings) against the training images, with 10 IS splits. The judge is the
-    cached one of the dataset (trained and cached first when there is none) or the run at
-    ``judge``. Writes ``out`` (JSON) when given; returns the
-    :class:`jeat.metrics.GenerationScores`."""
-    from jeat.metrics import JudgeBackend, judge_dir, load_judge, score_samples, train_judge
-
-    name = data.info.name
-    folder = Path(judge) if judge is not None else judge_dir(name)
-    if judge is None and not (folder / "model.pt").exists():
-        print(f"no judge cached for {name}: training one into {folder} (once per dataset)")
-        train_judge(name, data=data, epochs=cfg.analysis.judge_epochs, progress=cfg.progress)
-    backend = JudgeBackend(load_judge(name, folder))
-    per_class = cfg.analysis.score_per_class
-    images, labels = generate_samples(model, data, cfg, n_per_class=per_class)
-    scores = score_samples(backend, images, data.x_train, labels, splits=10)
-    if out is not None:
-        write_json(
-            out,
-            {
-                "dataset": name,
-                "method": cfg.generate.method,
-                "conditional": cfg.generate.conditional,
-                "per_class": per_class,
-                "real": "train",
-                "judge_dir": str(folder),
-                "judge": scores.to_dict(),
-            },
-        )
-    return scores
-
-
 def _warm_start(model: nn.Module, cfg: TrainConfig, info: DatasetInfo) -> None:
     """Copy the weights of run/checkpoint ``cfg.model.init_from`` into ``model``."""
     source = Path(str(cfg.model.init_from))
@@ -505,11 +231,7 @@ def _prepare_run(
         _warm_start(model, cfg, info)
     if data is None:
         data = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download)
-    full = data
-    if cfg.data.train_subset is not None:
-        m = cfg.data.train_subset
-        data = ImageDataset(data.info, data.x_train[:m], data.y_train[:m], data.x_test, data.y_test)
-    return data, full, model, objective, payload
+    return train_view(cfg, data), data, model, objective, payload
 
 
 def train(
@@ -525,8 +247,11 @@ def train(
     If a fresh run fails before its first checkpoint (an error, a NaN loss, Ctrl-C), the files
     it created are removed again, so a corrected re-run can use the same folder.
 
+    This is the loop alone: the final steps that the config's ``final_*`` keys ask for run in
+    :func:`jeat.finish.finish_run` (:func:`jeat.finish.train_and_finish` does both).
+
     ``stop_after=k`` stops once epoch ``k`` of the ``cfg.epochs`` is done and checkpointed,
-    without the final steps (no ``model.pt``): the learning-rate schedule stays that of the
+    without writing ``model.pt``: the learning-rate schedule stays that of the
     whole run, and ``resume=True`` later goes on exactly as if the run had not stopped (for
     time-limited cluster jobs, and for benchmarks that interleave runs epoch by epoch).
     """
@@ -579,7 +304,9 @@ def _run(
         resumed_from = loop.start_epoch if payload is not None else None
         if ctx.is_main:
             print(f"stopped after epoch {stop_after} of {cfg.epochs}; continue with resume")
-        return TrainResult(loop.paths, loop.model, loop.metrics, None, resumed_from)
+        return TrainResult(
+            loop.paths, loop.model, loop.metrics, None, resumed_from, False, data, full
+        )
     return loop.finish(resumed=payload is not None)
 
 
@@ -615,7 +342,7 @@ class _Loop:
         self.model = model  # the module whose weights are saved
         net = self.accel.prepare(model)  # on the device; compiled when asked
         self.optimizer = make_optimizer(cfg, self.model)
-        self.meta = _meta(cfg, data.info)
+        self.meta = run_meta(cfg, data.info)
         self.start_epoch, self.start_step = 0, 0
         self.sums: dict[str, float] = {}
         self.metrics: list[dict[str, Any]] = []
@@ -935,52 +662,23 @@ class _Loop:
 
     # ----------------------------------------------------------------- outputs
     def finish(self, resumed: bool) -> TrainResult:
+        """Save ``model.pt`` (rank 0) and return the finished run."""
         cfg, paths, model = self.cfg, self.paths, self.model
-        resumed_from = self.start_epoch if resumed else None
-        if not self.main:  # rank 0 saves the model and runs the final steps
-            return TrainResult(paths, model, self.metrics, None, resumed_from)
-        save_checkpoint(
-            paths.model,
-            {"meta": self.meta, "config": config_to_dict(cfg), "model_state": model.state_dict()},
-        )
-        print(f"wrote {paths.model}")
-        result_eval = None
+        if self.main:
+            save_checkpoint(
+                paths.model,
+                {
+                    "meta": self.meta,
+                    "config": config_to_dict(cfg),
+                    "model_state": model.state_dict(),
+                },
+            )
+            print(f"wrote {paths.model}")
         model.eval()
-        if cfg.final_eval:
-            result_eval = final_evaluation(cfg, model, self.data)
-            payload = {"dataset": self.data.info.name, **result_eval.to_dict()}
-            print(result_eval.table())
-            if cfg.eval.curve:
-                curve = final_curve(cfg, model, self.data)
-                payload["curve"] = curve.to_dict()
-                for path in write_curve(curve, paths.eval):
-                    print(f"wrote {path}")
-            write_json(paths.eval, payload)
-            with atomic_write(paths.eval.with_suffix(".md"), "w") as fh:
-                fh.write(result_eval.markdown())
-            print(f"wrote {paths.eval}")
-        if cfg.final_samples:
-            images, _ = generate_samples(model, self.data, cfg)
-            save_image_grid(images, paths.samples, nrow=grid_width(cfg.generate, len(images)))
-            print(f"wrote {paths.samples}")
-        if cfg.final_analysis:
-            analysis = final_analysis({paths.root.name: (model, cfg)}, self.data, paths.analysis)
-            print(analysis.table())
-            print(f"wrote {paths.analysis}/")
-        if cfg.final_scores:
-            scores = final_scores(cfg, model, self.full_data, paths.scores)
-            print(scores.line())
-            print(f"wrote {paths.scores}")
-        if cfg.final_report:
-            from jeat.report import write_report
-
-            print(f"wrote {write_report(paths.root)}")
-        return TrainResult(paths, model, self.metrics, result_eval, resumed_from)
-
-
-def grid_width(g: Any, n_images: int) -> int:
-    """Images per grid row: one row per class, or a square for unconditional samples."""
-    return g.n_per_class if g.conditional else int(math.ceil(math.sqrt(n_images)))
+        resumed_from = self.start_epoch if resumed else None
+        return TrainResult(
+            paths, model, self.metrics, None, resumed_from, True, self.data, self.full_data
+        )
 
 
 class _Divergence(Exception):

@@ -1,0 +1,251 @@
+"""A run's final steps, after its last epoch: the robustness table and curve, a sample grid,
+the energy analysis, judge scores and the report, each one switched by the config's
+``final_*`` keys. They read and write the run folder (:mod:`jeat.runs`); the loop itself is
+:mod:`jeat.train`.
+
+``jeat train`` is :func:`train_and_finish`: :func:`jeat.train.train`, then :func:`finish_run`.
+``jeat eval``, ``jeat generate`` and ``jeat analyze`` call the same step functions on any model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from jeat import distributed
+from jeat.config import TrainConfig
+from jeat.data import ImageDataset
+from jeat.errors import JeatError
+from jeat.evaluate import EvalContext, EvalResult, evaluate
+from jeat.runs import eval_threat
+from jeat.samplers import generate
+from jeat.sanity import CURVE_FACTORS, Curve, robustness_curve, write_curve
+from jeat.train import TrainResult, train
+from jeat.utils import atomic_write, derive_seed, save_image_grid, write_json
+
+__all__ = [
+    "train_and_finish",
+    "finish_run",
+    "final_evaluation",
+    "final_curve",
+    "generate_samples",
+    "final_analysis",
+    "final_scores",
+    "grid_width",
+]
+
+
+def train_and_finish(
+    cfg: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    data: ImageDataset | None = None,
+    argv: list[str] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """``jeat train``: :func:`jeat.train.train` (same arguments), then, once the run is complete
+    and in the process that writes the folder (rank 0 under ``torchrun``), :func:`finish_run`."""
+    result = train(cfg, out, resume=resume, data=data, argv=argv, stop_after=stop_after)
+    if not result.complete or not distributed.from_env().is_main:
+        return result
+    return finish_run(cfg, result)
+
+
+def finish_run(cfg: TrainConfig, result: TrainResult) -> TrainResult:
+    """Run the final steps that ``cfg.final_*`` ask for on a complete run and write their files
+    into its folder; returns ``result`` with ``eval`` set when the table was computed."""
+    if not result.complete or result.data is None:
+        raise JeatError(f"{result.paths.root} is not a complete run; finish training it first")
+    paths, model, data = result.paths, result.model, result.data
+    full = result.full_data if result.full_data is not None else data
+    model.eval()
+    result_eval = None
+    if cfg.final_eval:
+        result_eval = final_evaluation(cfg, model, data)
+        payload = {"dataset": data.info.name, **result_eval.to_dict()}
+        print(result_eval.table())
+        if cfg.eval.curve:
+            curve = final_curve(cfg, model, data)
+            payload["curve"] = curve.to_dict()
+            for path in write_curve(curve, paths.eval):
+                print(f"wrote {path}")
+        write_json(paths.eval, payload)
+        with atomic_write(paths.eval.with_suffix(".md"), "w") as fh:
+            fh.write(result_eval.markdown())
+        print(f"wrote {paths.eval}")
+    if cfg.final_samples:
+        images, _ = generate_samples(model, data, cfg)
+        save_image_grid(images, paths.samples, nrow=grid_width(cfg.generate, len(images)))
+        print(f"wrote {paths.samples}")
+    if cfg.final_analysis:
+        analysis = final_analysis({paths.root.name: (model, cfg)}, data, paths.analysis)
+        print(analysis.table())
+        print(f"wrote {paths.analysis}/")
+    if cfg.final_scores:
+        scores = final_scores(cfg, model, full, paths.scores)
+        print(scores.line())
+        print(f"wrote {paths.scores}")
+    if cfg.final_report:
+        from jeat.report import write_report
+
+        print(f"wrote {write_report(paths.root)}")
+    return dataclasses.replace(result, eval=result_eval)
+
+
+def final_evaluation(
+    cfg: TrainConfig,
+    model: nn.Module,
+    data: ImageDataset,
+    attacks: list[str] | None = None,
+    mode: str | None = None,
+    context: EvalContext | None = None,
+    progress: bool = False,
+    seed: int | None = None,
+) -> EvalResult:
+    """The robustness table on the first ``eval.n`` test points (``eval.mode`` unless given;
+    attack seeds from the run's seed unless ``seed`` is given)."""
+    n = len(data.x_test) if cfg.eval.n is None else min(cfg.eval.n, len(data.x_test))
+    return evaluate(
+        model,
+        data.x_test[:n],
+        data.y_test[:n],
+        attacks or cfg.eval.attacks,
+        eval_threat(cfg, data.info),
+        batch_size=cfg.eval.batch_size,
+        seed=derive_seed(cfg.seed, 11) if seed is None else seed,
+        mode=mode or cfg.eval.mode,
+        num_classes=data.info.num_classes,
+        context=context,
+        progress=progress,
+    )
+
+
+def generate_samples(
+    model: nn.Module,
+    data: ImageDataset,
+    cfg: TrainConfig,
+    classes: list[int] | None = None,
+    n_per_class: int | None = None,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples as ``cfg.generate`` describes (see :func:`jeat.samplers.generate`)."""
+    return generate(
+        model,
+        data,
+        cfg.generate,
+        classes=classes,
+        n_per_class=n_per_class,
+        seed=derive_seed(cfg.seed if seed is None else seed, 13),
+    )
+
+
+def final_curve(cfg: TrainConfig, model: nn.Module, data: ImageDataset) -> Curve:
+    """Accuracy under ``eval.curve`` at :data:`jeat.sanity.CURVE_FACTORS` times the budget, on
+    the final evaluation's points."""
+    n = len(data.x_test) if cfg.eval.n is None else min(cfg.eval.n, len(data.x_test))
+    threat = eval_threat(cfg, data.info)
+    return robustness_curve(
+        model,
+        data.x_test[:n],
+        data.y_test[:n],
+        str(cfg.eval.curve),
+        threat,
+        [f * threat.eps for f in CURVE_FACTORS],
+        cfg.eval.batch_size,
+        derive_seed(cfg.seed, 11),
+    )
+
+
+def final_analysis(
+    runs: dict[str, tuple[nn.Module, TrainConfig]],
+    data: ImageDataset,
+    out_dir: str | Path | None,
+    n: int | None = None,
+    grid: int | None = None,
+    samples_per_class: int | None = None,
+    eps: float | None = None,
+    seed: int = 0,
+    plots: bool = True,
+):
+    """:func:`jeat.analysis.analyze` for trained runs ``{name: (model, config)}`` on the first
+    ``n`` test images (default ``analysis.n`` of the first run's config), with each model's
+    own samples (``analysis.samples_per_class`` per class, its ``generate`` settings) in the
+    histograms. ``eps`` (L-inf) defaults to the run's evaluation budget when that is L-inf,
+    else the dataset's L-inf budget."""
+    from jeat.analysis import analyze
+
+    if not runs:
+        raise JeatError("give at least one run to analyse")
+    first = next(iter(runs.values()))[1]
+    a = first.analysis
+    n = min(a.n if n is None else n, len(data.x_test))
+    if eps is None:
+        norm = first.eval.norm.lower()
+        eps = eval_threat(first, data.info).eps if norm == "linf" else data.info.eps_linf
+    per_class = a.samples_per_class if samples_per_class is None else samples_per_class
+    generated = None
+    if per_class > 0:
+        generated = {
+            name: generate_samples(model, data, cfg, n_per_class=per_class)[0]
+            for name, (model, cfg) in runs.items()
+        }
+    return analyze(
+        {name: model for name, (model, _) in runs.items()},
+        data.x_test[:n],
+        data.y_test[:n],
+        eps=float(eps),
+        out_dir=out_dir,
+        grid=a.grid if grid is None else grid,
+        generated=generated,
+        seed=seed,
+        plots=plots,
+    )
+
+
+def final_scores(
+    cfg: TrainConfig,
+    model: nn.Module,
+    data: ImageDataset,
+    out: str | Path | None = None,
+    judge: str | Path | None = None,
+):
+    """Judge-IS / judge-FID of ``analysis.score_per_class`` samples per class (the run's
+    ``generate`` settings) against the training images, with 10 IS splits. The judge is the
+    cached one of the dataset (trained and cached first when there is none) or the run at
+    ``judge``. Writes ``out`` (JSON) when given; returns the
+    :class:`jeat.metrics.GenerationScores`."""
+    from jeat.metrics import JudgeBackend, judge_dir, load_judge, score_samples, train_judge
+
+    name = data.info.name
+    folder = Path(judge) if judge is not None else judge_dir(name)
+    if judge is None and not (folder / "model.pt").exists():
+        print(f"no judge cached for {name}: training one into {folder} (once per dataset)")
+        train_judge(name, data=data, epochs=cfg.analysis.judge_epochs, progress=cfg.progress)
+    backend = JudgeBackend(load_judge(name, folder))
+    per_class = cfg.analysis.score_per_class
+    images, labels = generate_samples(model, data, cfg, n_per_class=per_class)
+    scores = score_samples(backend, images, data.x_train, labels, splits=10)
+    if out is not None:
+        write_json(
+            out,
+            {
+                "dataset": name,
+                "method": cfg.generate.method,
+                "conditional": cfg.generate.conditional,
+                "per_class": per_class,
+                "real": "train",
+                "judge_dir": str(folder),
+                "judge": scores.to_dict(),
+            },
+        )
+    return scores
+
+
+def grid_width(g: Any, n_images: int) -> int:
+    """Images per grid row: one row per class, or a square for unconditional samples."""
+    return g.n_per_class if g.conditional else int(math.ceil(math.sqrt(n_images)))
