@@ -53,13 +53,13 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from jeat.train import train
+    from jeat.finish import train_and_finish
 
     cfg = load_config(args.config, _train_overrides(args))
     out = Path(args.out or f"runs/{cfg.data.name}-{cfg.objective.name}-s{cfg.seed}")
     from jeat.distributed import from_env
 
-    result = train(
+    result = train_and_finish(
         cfg, out, resume=args.resume, argv=["jeat", *sys.argv[1:]], stop_after=args.stop_after
     )
     if from_env().is_main:
@@ -73,13 +73,80 @@ def _run_data(cfg_data, data_dir: str | None, download: bool) -> ImageDataset:
     )
 
 
+def _source(args: argparse.Namespace) -> str:
+    """The one model source of eval / attack / generate: the positional MODEL or --model."""
+    if args.run and args.model_source:
+        raise JeatError("give the model once: as MODEL or as --model, not both")
+    source = args.run or args.model_source
+    if not source:
+        raise JeatError("name a model: a run folder or checkpoint, or --model SOURCE")
+    args.run = source
+    return source
+
+
+def _load_source(args: argparse.Namespace, source: str, dataset: str | None):
+    """Model (eval mode, on ``--device``), metadata, config and data for one model source
+    (:func:`jeat.sources.load_model`): a jeat run brings its config and dataset (``--dataset``
+    overrides it); any other model takes the default config with ``--dataset``, which it
+    needs. The width of the logits is checked against the dataset's classes."""
+    from jeat.sources import check_width, load_model
+
+    loaded = load_model(
+        source,
+        weights=args.weights,
+        num_classes=args.num_classes,
+        normalize=args.normalize,
+        input_range=args.input_range,
+        trust_pickle=args.trust_pickle,
+        device=args.device,
+    )
+    if loaded.config is not None:
+        cfg = loaded.config
+        if dataset:
+            cfg.data.name = dataset
+    else:
+        if not dataset:
+            raise JeatError(
+                f"{source} is not a jeat run: name its data with --dataset (digits, cifar10, ... "
+                "see jeat datasets)"
+            )
+        cfg = load_config(None, [f"data.name={dataset}"])
+    data = _run_data(cfg.data, args.data_dir, args.download)
+    check_width(loaded, data.x_test, data.info.num_classes, f"dataset {data.info.name}")
+    meta = {**loaded.meta, "dataset": data.info.name}
+    return loaded.model, meta, cfg, data
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The options of a model source (see jeat.sources)."""
+    p.add_argument(
+        "--model",
+        dest="model_source",
+        metavar="SOURCE",
+        help="run folder/checkpoint, py:FILE.py:FACTORY, package.module:FACTORY, TorchScript "
+        "file or .pt2 export",
+    )
+    p.add_argument("--weights", help="state_dict (.pt) or .safetensors for a factory")
+    p.add_argument("--num-classes", type=int, help="check the model's logits have this width")
+    p.add_argument("--normalize", metavar="MEAN;STD", help="put (x - mean) / std in front")
+    p.add_argument(
+        "--input-range",
+        choices=["0,1", "-1,1"],
+        default="0,1",
+        help="-1,1: the model takes [-1, 1] inputs (adapter z = 2x - 1; eps stays in pixels)",
+    )
+    p.add_argument(
+        "--trust-pickle", action="store_true", help="allow a fully pickled model (runs its code)"
+    )
+    p.add_argument("--dataset", help="data to use (default: the run's; needed for other models)")
+
+
 def _eval_setup(args: argparse.Namespace):
     """Model, data, config, test points and threat for ``eval`` and ``attack``."""
     from jeat.evaluate import EvalContext
-    from jeat.train import eval_threat, load_trained
+    from jeat.runs import eval_threat
 
-    model, meta, cfg = load_trained(args.run, device=args.device)
-    data = _run_data(cfg.data, args.data_dir, args.download)
+    model, meta, cfg, data = _load_source(args, _source(args), args.dataset)
     if args.norm:
         cfg.eval.norm = args.norm
     if args.eps is not None:
@@ -101,14 +168,22 @@ def _eval_setup(args: argparse.Namespace):
 
 
 def _out_base(args: argparse.Namespace, default_name: str) -> Path:
+    """``--out``, else a file in the run's folder; for a model that is not a jeat run,
+    ``jeat-out/NAME/`` in the working directory (never next to the user's own files)."""
+    if args.out:
+        return Path(args.out)
     run = Path(args.run)
-    folder = run if run.is_dir() else run.parent
-    return Path(args.out) if args.out else folder / default_name
+    if run.is_dir():
+        return run / default_name
+    if run.is_file() and (run.parent / "config.yaml").exists():
+        return run.parent / default_name
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in run.name or str(run))
+    return Path("jeat-out") / name.strip("-.") / default_name
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from jeat.finish import final_evaluation
     from jeat.sanity import CURVE_FACTORS, robustness_curve, sanity_checks, write_curve
-    from jeat.train import final_evaluation
     from jeat.utils import atomic_write, derive_seed, write_json
 
     model, meta, cfg, data, n, threat, context = _eval_setup(args)
@@ -238,15 +313,20 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from jeat.train import final_analysis, load_trained
+    from jeat.finish import final_analysis
 
     runs: dict = {}
     data = None
-    for run in args.runs:
-        model, meta, cfg = load_trained(run, device=args.device)
+    sources = [*args.runs, *([args.model_source] if args.model_source else [])]
+    if not sources:
+        raise JeatError("name at least one model: run folders or checkpoints, or --model SOURCE")
+    if args.weights and len(sources) > 1:
+        raise JeatError("--weights goes with one model; analyse a factory model on its own")
+    for run in sources:
+        model, meta, cfg, run_data = _load_source(args, run, args.dataset)
         if data is None:
-            data = _run_data(cfg.data, args.data_dir, args.download)
-        elif tuple(meta["image_shape"]) != tuple(data.info.shape):
+            data = run_data
+        elif tuple(run_data.info.shape) != tuple(data.info.shape):
             raise JeatError(
                 f"{run} was trained on {meta['dataset']}, whose images differ from "
                 f"{data.info.name}'s; analyse runs of one dataset together"
@@ -257,8 +337,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             name += "'"
         runs[name] = (model, cfg)
     assert data is not None
-    first = Path(args.runs[0])
-    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "analysis"
+    args.run = sources[0]
+    out = _out_base(args, "analysis")
     result = final_analysis(
         runs,
         data,
@@ -283,7 +363,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_certify(args: argparse.Namespace) -> int:
     from jeat.certify import wrm_certificate
-    from jeat.train import load_trained
+    from jeat.runs import load_trained
     from jeat.utils import write_json
 
     if not args.wrm:
@@ -322,11 +402,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from jeat.train import generate_samples, grid_width, load_trained
+    from jeat.finish import generate_samples, grid_width
     from jeat.utils import atomic_write, save_image_grid
 
-    model, meta, cfg = load_trained(args.run, device=args.device)
-    data = _run_data(cfg.data, args.data_dir, args.download)
+    model, meta, cfg, data = _load_source(args, _source(args), args.dataset)
     if args.steps is not None:
         cfg.generate.steps = args.steps
     if args.radius is not None:
@@ -341,8 +420,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cfg.generate.n_per_class = args.n
     classes = _int_list(args.classes) if args.classes else None
     images, labels = generate_samples(model, data, cfg, classes, seed=args.seed)
-    run = Path(args.run)
-    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "samples.png"
+    out = _out_base(args, "samples.png")
     g = cfg.generate
     save_image_grid(images, out, nrow=grid_width(g, len(images)))
     print(f"wrote {out}")
@@ -518,9 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("generate", cmd_generate, "class-conditional samples from a trained model"),
     ):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("run", help="run folder or checkpoint file")
+        s.add_argument(
+            "run", nargs="?", metavar="MODEL", help="run folder or checkpoint (or use --model)"
+        )
         s.add_argument("--out", help="output file (default: inside the run folder)")
         _data_args(s)
+        _model_args(s)
         s.set_defaults(func=func)
         if name in ("eval", "attack"):
             s.add_argument("--norm", choices=["linf", "l2"])
@@ -576,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
             )
 
     an = sub.add_parser("analyze", help="energy landscape of one or several runs, side by side")
-    an.add_argument("runs", nargs="+", help="run folders or checkpoints (same dataset)")
+    an.add_argument("runs", nargs="*", help="run folders or checkpoints (same dataset)")
+    _model_args(an)
     an.add_argument("--n", type=int, help="test images (default: the run's analysis.n, 64)")
     an.add_argument("--eps", type=_eps, help="L-inf budget, e.g. 8/255 (default: the run's)")
     an.add_argument("--grid", type=int, help="contour points per axis (default 21)")
@@ -660,7 +742,23 @@ def _eps(text: str) -> float:
     return float(value)
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--input-range -1,1`` as ``--input-range=-1,1``: argparse would read ``-1,1`` as an
+    option, not as the value the documented spelling gives."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--input-range" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"--input-range={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     from jeat.accel import tune_host_allocator
 
