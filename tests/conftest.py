@@ -80,3 +80,27 @@ def standard_run(runs_dir, standard_model):
 def pgdat_run(runs_dir, pgdat_model):
     """The run folder of ``pgdat_model``."""
     return runs_dir / "pgd-at-s0-w"
+
+
+def write_image_folder(root: Path, x, y, names=None) -> Path:
+    """Write ``x`` (N x C x H x W floats in [0, 1]) as PNG files, one subfolder per class."""
+    import numpy as np
+    from PIL import Image
+
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
+        d = root / (names[int(label)] if names else f"c{int(label):02d}")
+        d.mkdir(parents=True, exist_ok=True)
+        a = (img.numpy() * 255).round().astype(np.uint8)
+        pil = Image.fromarray(a[0]) if a.shape[0] == 1 else Image.fromarray(a.transpose(1, 2, 0))
+        pil.save(d / f"{i:05d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory, digits):
+    """An image folder (train/ and test/) of 300 digits training images and the 360 test ones,
+    as a user would bring it."""
+    root = tmp_path_factory.mktemp("digits-folder")
+    write_image_folder(root / "train", digits.x_train[:300], digits.y_train[:300])
+    write_image_folder(root / "test", digits.x_test, digits.y_test)
+    return root

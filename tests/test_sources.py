@@ -8,8 +8,10 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -101,17 +103,53 @@ def user(tmp_path, standard_run):
     return tmp_path
 
 
-def test_factory_with_weights_gives_the_runs_table(user, standard_run):
-    common = ["--attacks", "clean,fgsm,pgd20", "--n", "80", "--seed", "3", "--quiet"]
+def test_factory_with_weights_gives_the_runs_table(user, standard_run, digits_folder):
+    data = f"folder:{digits_folder}"
+    common = ["--dataset", data, "--attacks", "clean,fgsm,pgd20", "--n", "80", "--seed", "3",
+              "--quiet"]  # fmt: skip
     r = jeat_cli("eval", standard_run, *common, "--out", user / "run.json")
     assert r.returncode == 0, r.stderr
     for weights in ("w.pt", "w.safetensors"):
         out = user / f"{weights}.json"
-        r = jeat_cli("eval", "--model", "py:net.py:make", "--weights", weights, "--dataset",
-                     "digits", *common, "--out", out, cwd=user)  # fmt: skip
+        r = jeat_cli("eval", "--model", "py:net.py:make", "--weights", weights, *common,
+                     "--out", out, cwd=user)  # fmt: skip
         assert r.returncode == 0, r.stderr
         assert _rows(out) == _rows(user / "run.json")
     assert json.loads((user / "run.json").read_text())["robust_accuracy"] < 95  # attacks worked
+
+
+def test_forty_three_class_factory_gives_the_runs_table(tmp_path):
+    """A 43-class jeat run on a user's image folder, and the same weights in the user's own
+    network definition (its own normalisation layer): the same table on the same folder."""
+    rng = np.random.default_rng(1)
+    protos = rng.random((43, 1, 8, 8))
+    names = [f"sign{k:02d}" for k in range(43)]
+    for split, n in (("train", 8), ("test", 3)):
+        labels = np.repeat(np.arange(43), n)
+        imgs = np.clip(protos[labels] + 0.15 * rng.standard_normal((len(labels), 1, 8, 8)), 0, 1)
+        write_image_folder(tmp_path / "signs" / split, torch.from_numpy(imgs), labels, names)
+    data = f"folder:{tmp_path / 'signs'}"
+    r = jeat_cli("train", "--dataset", data, "--objective", "standard", "--epochs", "4",
+                 "--quiet", "--out", "run", "--set", "final_eval=false",
+                 "--set", "final_samples=false", "--set", "final_analysis=false",
+                 "--set", "final_scores=false", "--set", "final_report=false",
+                 cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    from jeat.runs import load_trained
+
+    model, meta, _ = load_trained(tmp_path / "run")
+    assert meta["num_classes"] == 43
+    torch.save(model.state_dict(), tmp_path / "w43.pt")
+    (tmp_path / "net.py").write_text(NET_PY)
+    common = ["--attacks", "clean,pgd10", "--eps", "0.1", "--seed", "2", "--quiet"]
+    r1 = jeat_cli("eval", "run", "--out", "a.json", *common, cwd=tmp_path)
+    r2 = jeat_cli("eval", "--model", "py:net.py:make", "--weights", "w43.pt", "--num-classes",
+                  "43", "--dataset", data, "--out", "b.json", *common, cwd=tmp_path)  # fmt: skip
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    a, b = _rows(tmp_path / "a.json"), _rows(tmp_path / "b.json")
+    assert a == b
+    # chance is 2.3%: the run learned, and the attack is real
+    assert a[0]["n"] == 129 and a[0]["accuracy"] > 10 and a[1]["accuracy"] < a[0]["accuracy"]
 
 
 def test_torchscript_and_export_files_load_without_code(user, digits):

@@ -6,16 +6,18 @@ Every problem the user can fix ends in one line ``jeat: error: ...`` and exit st
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from jeat.config import config_to_dict, load_config
-from jeat.data import ImageDataset, list_datasets, load_dataset
+from jeat.data import ImageDataset, dataset_slug, list_datasets, load_dataset
 from jeat.distributed import from_env
 from jeat.errors import JeatError
 from jeat.models import list_models
 from jeat.objectives import list_objectives
+from jeat.userdata import parse_source
 
 __all__ = ["main", "build_parser"]
 
@@ -31,11 +33,35 @@ def _int_list(text: str) -> list[int]:
         raise JeatError(f"expected comma-separated integers, got '{text}'") from None
 
 
+def _quoted(text: str | None) -> str | None:
+    """A string value for a ``key=value`` override that the value parser keeps as it is (a
+    path may hold ``: `` or look like a number)."""
+    return None if text is None else json.dumps(text)
+
+
+_BUDGET_KEYS = ("objective.attack.eps", "objective.attack.step_size", "eval.eps")
+
+
+def _builtin_config(name: str | None) -> bool:
+    from jeat.config import builtin_configs
+
+    return name is None or (name in builtin_configs() and not Path(name).exists())
+
+
+def _no_budgets(cfg) -> None:
+    """Budgets from the dataset (:class:`jeat.data.DatasetInfo`), not from the default config,
+    whose ε is digits'."""
+    cfg.objective.attack.eps = None
+    cfg.objective.attack.step_size = None
+    cfg.eval.eps = None
+
+
 def _train_overrides(args: argparse.Namespace) -> list[str]:
     """Turn shortcut flags into ``key=value`` overrides (explicit --set wins, coming last)."""
     pairs = [
-        ("data.name", args.dataset),
-        ("data.root", args.data_dir),
+        ("data.name", _quoted(args.dataset)),
+        ("data.root", _quoted(args.data_dir)),
+        ("data.image_size", args.image_size),
         ("model.name", args.model),
         ("objective.name", args.objective),
         ("epochs", args.epochs),
@@ -45,6 +71,12 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
         ("optim.lr", args.lr),
     ]
     out = [f"{k}={v}" for k, v in pairs if v is not None]
+    if args.dataset and parse_source(args.dataset) and _builtin_config(args.config):
+        # the built-in configs' budgets belong to their own datasets: use the data's defaults
+        out += [f"{k}=null" for k in _BUDGET_KEYS]
+    if args.eps is not None:
+        out += [f"objective.attack.eps={args.eps!r}", f"eval.eps={args.eps!r}"]
+        out.append("objective.attack.step_size=null")
     if args.download:
         out.append("data.download=true")
     if args.quiet:
@@ -56,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jeat.finish import train_and_finish
 
     cfg = load_config(args.config, _train_overrides(args))
-    out = Path(args.out or f"runs/{cfg.data.name}-{cfg.objective.name}-s{cfg.seed}")
+    out = Path(args.out or f"runs/{dataset_slug(cfg.data.name)}-{cfg.objective.name}-s{cfg.seed}")
     from jeat.distributed import from_env
 
     result = train_and_finish(
@@ -67,9 +99,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_data(cfg_data, data_dir: str | None, download: bool) -> ImageDataset:
+def _run_data(
+    cfg_data, data_dir: str | None, download: bool, image_size: int | None = None
+) -> ImageDataset:
     return load_dataset(
-        cfg_data.name, root=data_dir or cfg_data.root, download=download or cfg_data.download
+        cfg_data.name,
+        root=data_dir or cfg_data.root,
+        download=download or cfg_data.download,
+        image_size=image_size if image_size is not None else cfg_data.image_size,
     )
 
 
@@ -104,14 +141,27 @@ def _load_source(args: argparse.Namespace, source: str, dataset: str | None):
         cfg = loaded.config
         if dataset:
             cfg.data.name = dataset
+            cfg.data.image_size = None
     else:
         if not dataset:
             raise JeatError(
                 f"{source} is not a jeat run: name its data with --dataset (digits, cifar10, ... "
                 "see jeat datasets)"
             )
-        cfg = load_config(None, [f"data.name={dataset}"])
+        cfg = load_config(None)
+        cfg.data.name = dataset
+        _no_budgets(cfg)
+    if args.image_size is not None:
+        cfg.data.image_size = args.image_size
     data = _run_data(cfg.data, args.data_dir, args.download)
+    trained = loaded.meta.get("image_shape")
+    if trained is not None and list(trained) != list(data.info.shape):
+        fmt = "x".join
+        raise JeatError(
+            f"{source} was trained on {fmt(map(str, trained))} images, but {data.info.name}'s "
+            f"are {fmt(map(str, data.info.shape))} (C x H x W)"
+            + (f"; pass --image-size {trained[-1]}" if parse_source(data.info.name) else "")
+        )
     check_width(loaded, data.x_test, data.info.num_classes, f"dataset {data.info.name}")
     meta = {**loaded.meta, "dataset": data.info.name}
     return loaded.model, meta, cfg, data
@@ -138,7 +188,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trust-pickle", action="store_true", help="allow a fully pickled model (runs its code)"
     )
-    p.add_argument("--dataset", help="data to use (default: the run's; needed for other models)")
+    p.add_argument(
+        "--dataset",
+        help="data to use: a name from `jeat datasets`, folder:PATH or npz:PATH (default: the "
+        "run's; needed for other models)",
+    )
 
 
 def _eval_setup(args: argparse.Namespace):
@@ -440,10 +494,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_judge(args: argparse.Namespace) -> int:
     from jeat.metrics import train_judge
 
-    data = load_dataset(args.dataset, root=args.data_dir, download=args.download)
+    data = load_dataset(
+        args.dataset, root=args.data_dir, download=args.download, image_size=args.image_size
+    )
     _, acc, folder = train_judge(
         args.dataset,
         data=data,
+        image_size=args.image_size,
         folder=args.out,
         epochs=args.epochs,
         force=args.force,
@@ -482,7 +539,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     from jeat.utils import write_json
 
     images, labels, made_for = _load_samples(args.samples)
-    data = load_dataset(args.against, root=args.data_dir, download=args.download)
+    data = load_dataset(
+        args.against, root=args.data_dir, download=args.download, image_size=args.image_size
+    )
     if made_for is not None and made_for != data.info.name:
         print(f"note: the samples were generated for {made_for}, scored against {data.info.name}")
     n, n_real, splits = args.n, args.n_real, args.splits
@@ -498,7 +557,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         real = real[torch.randperm(len(real), generator=gen)[:n_real]]
     backends = []
     if args.backend in ("auto", "judge"):
-        backends.append(JudgeBackend(load_judge(data.info.name, args.judge)))
+        backends.append(JudgeBackend(load_judge(data.info.name, args.judge, args.image_size)))
     if args.backend in ("auto", "inception"):
         try:
             backends.append(InceptionBackend(device=args.device, download=args.download))
@@ -528,6 +587,11 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             f"{info.name:<12}{shape:<12}{info.num_classes:>8}  {info.eps_linf:>9.4g}  "
             f"{info.description}"
         )
+    print(
+        "\nyour own images: folder:PATH (one subfolder per class, PNG/JPEG/BMP; train/ and test/"
+        "\nsubfolders when present, else a stratified 80/20 split) or npz:PATH (arrays x, y;"
+        "\noptional x_test, y_test, class_names); --image-size N resizes them"
+    )
     return 0
 
 
@@ -557,6 +621,16 @@ def _data_args(p: argparse.ArgumentParser, device: str = "auto") -> None:
     p.add_argument("--device", default=device)
     p.add_argument("--data-dir", help="folder holding the dataset's original files")
     p.add_argument("--download", action="store_true", help="download missing dataset files")
+    _image_size_arg(p)
+
+
+def _image_size_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="resize the images of a folder:/npz: dataset to N x N",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -577,16 +651,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EPOCH",
         help="stop once this epoch is checkpointed (same schedule; continue with --resume)",
     )
-    t.add_argument("--dataset")
+    t.add_argument("--dataset", help="a name from `jeat datasets`, folder:PATH or npz:PATH")
     t.add_argument("--model")
     t.add_argument("--objective")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
+    t.add_argument(
+        "--eps",
+        type=_eps,
+        help="training and evaluation budget in [0,1] pixel units, e.g. 8/255 (default: the "
+        "config's; for folder:/npz: data with a built-in config, 8/255)",
+    )
     t.add_argument("--seed", type=int)
     t.add_argument("--device")
     t.add_argument("--data-dir")
     t.add_argument("--download", action="store_true", help="download missing dataset files")
+    _image_size_arg(t)
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=cmd_train)
 
@@ -696,6 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     jt.add_argument("--force", action="store_true", help="retrain even if cached")
     jt.add_argument("--data-dir")
     jt.add_argument("--download", action="store_true")
+    _image_size_arg(jt)
     jt.add_argument("--quiet", action="store_true")
     jt.set_defaults(func=cmd_judge)
 

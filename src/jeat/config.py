@@ -48,6 +48,7 @@ class DataConfig:
     download: bool = False  # fetch missing files (canonical URLs, checksums)
     augment: bool = True  # training augmentation (never used for evaluation)
     train_subset: int | None = None  # use only the first N training images (smoke runs)
+    image_size: int | None = None  # folder:/npz: data: resize the images to N x N
 
 
 @dataclass

@@ -7,6 +7,8 @@ raw arrays; :func:`load_dataset` turns them into float32 tensors in ``[0, 1]``. 
 * ``mnist``: the four original idx files (plain or ``.gz``), md5-checked.
 * ``mnist-t10k``: only the two MNIST test files, split 8,000 / 2,000 (stratified, seed 0).
 * ``cifar10`` / ``cifar100``: the original python-pickle batches (any batch length).
+* ``folder:PATH`` / ``npz:PATH``: the user's own images (an image folder, or arrays), read by
+  :mod:`jeat.userdata`; ``image_size`` resizes them.
 
 Downloads go to a temporary file next to the destination, are verified, then renamed into
 place, so an interrupted or corrupt download never leaves a partial file behind.
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from jeat.errors import JeatError
+from jeat.userdata import fingerprint, parse_source, read_user_data, short_name
 
 __all__ = [
     "DatasetInfo",
@@ -45,6 +48,7 @@ __all__ = [
     "list_datasets",
     "dataset_info",
     "load_dataset",
+    "dataset_slug",
     "default_data_dir",
     "augment_batch",
     "download_file",
@@ -191,13 +195,41 @@ def list_datasets() -> list[DatasetInfo]:
     return [info for info, _ in _REGISTRY.values()]
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """The :class:`DatasetInfo` of ``name``; :class:`JeatError` listing known names if unknown."""
+def dataset_info(name: str, image_size: int | None = None) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name``; :class:`JeatError` listing known names if unknown.
+    A ``folder:`` or ``npz:`` dataset is read (once per process and file state) to find it."""
+    if parse_source(name) is not None:
+        return load_dataset(name, image_size=image_size).info
+    _check_no_resize(name, image_size)
     key = _normalise_name(name)
     if key not in _REGISTRY:
         known = ", ".join(_REGISTRY)
-        raise JeatError(f"unknown dataset {name!r}; choose one of: {known}")
+        raise JeatError(
+            f"unknown dataset {name!r}; choose one of: {known}, or your own images as "
+            "folder:PATH or npz:PATH"
+        )
     return _REGISTRY[key][0]
+
+
+def dataset_slug(name: str, image_size: int | None = None, unique: bool = False) -> str:
+    """A file-name-safe name of a dataset: the registered name itself, or ``folder-NAME`` /
+    ``npz-NAME`` for a user's data; ``unique=True`` adds a hash of the path and the image size
+    (for caches, where two folders of one name must not meet)."""
+    user = parse_source(name)
+    if user is None:
+        return dataset_info(name).name
+    slug = short_name(*user)
+    if not unique:
+        return slug
+    key = f"{user[0]}:{user[1]}|{image_size}"
+    return f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _check_no_resize(name: str, image_size: int | None) -> None:
+    if image_size is not None:
+        raise JeatError(
+            f"--image-size applies to folder: and npz: datasets; {name} has a fixed image size"
+        )
 
 
 def default_data_dir() -> Path:
@@ -214,13 +246,21 @@ def default_data_dir() -> Path:
 
 
 def load_dataset(
-    name: str, root: str | os.PathLike | None = None, download: bool = False
+    name: str,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    image_size: int | None = None,
 ) -> ImageDataset:
     """Load dataset ``name`` from ``root`` (default: :func:`default_data_dir`) as tensors.
 
     With ``download=True`` missing files are fetched from the canonical sources and verified.
+    ``folder:PATH`` and ``npz:PATH`` read the user's images (``root`` and ``download`` do not
+    apply); ``image_size=N`` resizes them to N x N.
     """
-    info = dataset_info(name)
+    user = parse_source(name)
+    if user is not None:
+        return _load_user(*user, image_size)
+    info = dataset_info(name, image_size)
     loader = _REGISTRY[info.name][1]
     root_path = Path(root).expanduser() if root is not None else None
     raw = loader(root_path, bool(download))
@@ -233,6 +273,48 @@ def load_dataset(
         _to_images(raw.x_test, info),
         _to_labels(raw.y_test, info),
     )
+
+
+_USER_CACHE: dict[tuple, ImageDataset] = {}
+
+
+def _load_user(kind: str, path: Path, image_size: int | None) -> ImageDataset:
+    """A ``folder:`` / ``npz:`` dataset, read once per process while its files are unchanged.
+    Budgets: ε = 8/255 (L∞) and 0.5 (L2), the CIFAR-10 convention, and no augmentation (a flip
+    or shift is not label-preserving for every dataset); override them in the config."""
+    key = (kind, str(path), image_size, fingerprint(kind, path))
+    if key in _USER_CACHE:
+        return _USER_CACHE[key]
+    raw = read_user_data(kind, path, image_size)
+    x_tr = torch.from_numpy(raw.x_train)
+    x_tr = x_tr.float().div_(255.0) if x_tr.dtype == torch.uint8 else x_tr.float()
+    dims = [0, 2, 3]
+    info = DatasetInfo(
+        name=f"{kind}:{path}",
+        shape=tuple(int(d) for d in raw.x_train.shape[1:]),  # type: ignore[arg-type]
+        num_classes=len(raw.class_names),
+        mean=tuple(float(v) for v in x_tr.mean(dim=dims)),
+        std=tuple(max(float(v), 1e-3) for v in x_tr.std(dim=dims)),
+        eps_linf=8 / 255,
+        eps_l2=0.5,
+        augment="none",
+        description=(
+            f"{'image folder' if kind == 'folder' else 'arrays'} {path} "
+            f"({len(raw.y_train)} train / {len(raw.y_test)} test: {raw.split})"
+        ),
+        class_names=raw.class_names,
+    )
+    data = ImageDataset(
+        info,
+        _to_images(raw.x_train, info),
+        _to_labels(raw.y_train, info),
+        _to_images(raw.x_test, info),
+        _to_labels(raw.y_test, info),
+    )
+    if len(_USER_CACHE) >= 4:
+        _USER_CACHE.pop(next(iter(_USER_CACHE)))
+    _USER_CACHE[key] = data
+    return data
 
 
 def _to_images(x: np.ndarray, info: DatasetInfo) -> torch.Tensor:

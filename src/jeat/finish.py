@@ -221,12 +221,18 @@ def final_scores(
     :class:`jeat.metrics.GenerationScores`."""
     from jeat.metrics import JudgeBackend, judge_dir, load_judge, score_samples, train_judge
 
-    name = data.info.name
-    folder = Path(judge) if judge is not None else judge_dir(name)
+    name, size = data.info.name, cfg.data.image_size
+    folder = Path(judge) if judge is not None else judge_dir(name, size)
     if judge is None and not (folder / "model.pt").exists():
         print(f"no judge cached for {name}: training one into {folder} (once per dataset)")
-        train_judge(name, data=data, epochs=cfg.analysis.judge_epochs, progress=cfg.progress)
-    backend = JudgeBackend(load_judge(name, folder))
+        train_judge(
+            name,
+            data=data,
+            epochs=cfg.analysis.judge_epochs,
+            progress=cfg.progress,
+            image_size=size,
+        )
+    backend = JudgeBackend(load_judge(name, folder, size))
     per_class = cfg.analysis.score_per_class
     images, labels = generate_samples(model, data, cfg, n_per_class=per_class)
     scores = score_samples(backend, images, data.x_train, labels, splits=10)

@@ -31,6 +31,7 @@ and are not comparable with published ones.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -387,12 +388,13 @@ def score_samples(
 JUDGE_SEED = 1000  # independent of every model's seed (the defaults use 0)
 
 
-def judge_dir(dataset: str) -> Path:
+def judge_dir(dataset: str, image_size: int | None = None) -> Path:
     """Cache folder of the judge of ``dataset``: ``$JEAT_JUDGE_DIR/<dataset>``, else
-    ``$XDG_CACHE_HOME/jeat/judges/<dataset>`` or ``~/.cache/jeat/judges/<dataset>``."""
-    from jeat.data import dataset_info
+    ``$XDG_CACHE_HOME/jeat/judges/<dataset>`` or ``~/.cache/jeat/judges/<dataset>``. A user's
+    ``folder:``/``npz:`` data is ``folder-NAME-HASH``, the hash of its path and image size."""
+    from jeat.data import dataset_slug
 
-    name = dataset_info(dataset).name
+    name = dataset_slug(dataset, image_size, unique=True)
     env = os.environ.get("JEAT_JUDGE_DIR")
     if env:
         return Path(env).expanduser() / name
@@ -401,19 +403,36 @@ def judge_dir(dataset: str) -> Path:
     return base / "jeat" / "judges" / name
 
 
-def judge_config(dataset: str, epochs: int | None = None, overrides: tuple[str, ...] = ()):
+def judge_config(
+    dataset: str,
+    epochs: int | None = None,
+    overrides: tuple[str, ...] = (),
+    image_size: int | None = None,
+):
     """The judge's recipe: the dataset family's ``standard`` config with twice the width and
     batch norm, its own seed (:data:`JUDGE_SEED`), none of a run's final steps (evaluation,
-    samples, analysis, scores, report)."""
+    samples, analysis, scores, report). A user's ``folder:``/``npz:`` data takes the recipe of
+    the built-in family its images are closest to: digits up to 16 pixels a side, MNIST for
+    other grayscale images, CIFAR-10 for colour."""
+    import json
+
     from jeat.config import load_config
     from jeat.data import dataset_info
 
-    name = dataset_info(dataset).name
-    family = "digits" if name == "digits" else "mnist" if name.startswith("mnist") else "cifar10"
+    info = dataset_info(dataset, image_size)
+    name = info.name
+    if name == "digits" or name.startswith("mnist"):
+        family = name.split("-")[0]
+    elif name.startswith("cifar"):
+        family = "cifar10"
+    else:
+        c, h, w = info.shape
+        family = "digits" if max(h, w) <= 16 else "mnist" if c == 1 else "cifar10"
     base = load_config(f"{family}-standard")
     width = 2 * int(base.model.options.get("width", 32))
     sets = [
-        f"data.name={name}",
+        f"data.name={json.dumps(name)}",
+        f"data.image_size={'null' if image_size is None else image_size}",
         f"seed={JUDGE_SEED}",
         f"model.options.width={width}",
         "model.options.norm=batch",  # a judge need not be attackable: batch norm trains fast
@@ -436,6 +455,7 @@ def train_judge(
     force: bool = False,
     progress: bool = True,
     overrides: tuple[str, ...] = (),
+    image_size: int | None = None,
 ) -> tuple[nn.Module, float, Path]:
     """Train (or resume, or reuse) the judge of ``dataset`` in ``folder`` (default:
     :func:`judge_dir`); returns it, its clean test accuracy (%) and the folder. ``data`` is the
@@ -449,9 +469,11 @@ def train_judge(
     from jeat.runs import load_trained
     from jeat.train import train
 
-    cfg = judge_config(dataset, epochs, (*overrides, *(() if progress else ("progress=false",))))
-    folder = Path(folder) if folder is not None else judge_dir(dataset)
-    data = data if data is not None else load_dataset(cfg.data.name)
+    cfg = judge_config(
+        dataset, epochs, (*overrides, *(() if progress else ("progress=false",))), image_size
+    )
+    folder = Path(folder) if folder is not None else judge_dir(dataset, image_size)
+    data = data if data is not None else load_dataset(cfg.data.name, image_size=image_size)
     if force and folder.exists():
         if not (folder / "run.json").exists() and not (folder / "model.pt").exists():
             raise JeatError(f"{folder} exists and is not a jeat run; not removing it")
@@ -467,21 +489,29 @@ def train_judge(
     return judge, acc, folder
 
 
-def load_judge(dataset: str, path: str | Path | None = None) -> nn.Module:
+def load_judge(
+    dataset: str, path: str | Path | None = None, image_size: int | None = None
+) -> nn.Module:
     """The cached judge of ``dataset`` (or the run at ``path``); a clear error when there is
     none yet."""
     from jeat.data import dataset_info
     from jeat.runs import load_trained
 
-    folder = Path(path) if path is not None else judge_dir(dataset)
+    folder = Path(path) if path is not None else judge_dir(dataset, image_size)
     if not (folder / "model.pt").exists() and not folder.is_file():
         raise JeatError(
             f"no judge for {dataset} at {folder}; train one with "
-            f"`jeat judge train --dataset {dataset}` (or pass --judge RUN)"
+            f"`jeat judge train --dataset {dataset}"
+            f"{'' if image_size is None else f' --image-size {image_size}'}` (or pass --judge RUN)"
         )
     judge, meta, _ = load_trained(folder)
     trained_on = meta.get("dataset")
-    if trained_on is not None and dataset_info(trained_on).shape != dataset_info(dataset).shape:
+    theirs = meta.get("image_shape")
+    if theirs is None and trained_on is not None:  # runs written before image_shape was kept
+        with contextlib.suppress(JeatError):
+            theirs = list(dataset_info(trained_on).shape)
+    ours = list(dataset_info(dataset, image_size).shape)
+    if trained_on is not None and theirs is not None and list(theirs) != ours:
         raise JeatError(
             f"the judge at {folder} was trained on {trained_on}, whose images differ in shape "
             f"from {dataset}'s"

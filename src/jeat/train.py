@@ -208,7 +208,7 @@ def _prepare_run(
     data (``data.train_subset`` applied) and the full dataset, the model, the objective and the
     checkpoint to resume from (or None)."""
     validate_config(cfg)
-    info = dataset_info(cfg.data.name)
+    info = data.info if data is not None else dataset_info(cfg.data.name, cfg.data.image_size)
     torch.manual_seed(derive_seed(cfg.seed, 0, 0, 0))  # the initial weights depend on the seed
     model = build_model(cfg, info)
     objective = create_objective(cfg.objective, info)
@@ -230,7 +230,12 @@ def _prepare_run(
     if payload is None and cfg.model.init_from:
         _warm_start(model, cfg, info)
     if data is None:
-        data = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download)
+        data = load_dataset(
+            cfg.data.name,
+            root=cfg.data.root,
+            download=cfg.data.download,
+            image_size=cfg.data.image_size,
+        )
     return train_view(cfg, data), data, model, objective, payload
 
 
