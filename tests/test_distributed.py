@@ -162,3 +162,29 @@ def test_a_torchrun_process_leaves_with_its_code_and_without_the_shutdown(world,
     r = subprocess.run([sys.executable, "-c", _LEAVE, *args], env=env, capture_output=True,
                        text=True, timeout=120)  # fmt: skip
     assert "main returned" in r.stdout and "interpreter shutdown ran" in r.stdout
+
+
+@pytest.mark.parametrize("mode", ["cascade", "independent"])
+def test_two_processes_evaluate_the_same_points_as_one(tmp_path, pgdat_run, mode):
+    """torchrun ... -m jeat.cli eval shards the test points (every other batch) and gathers
+    the per-point outcomes: the same per-point file and table as one process."""
+    args = ["eval", str(pgdat_run), "--attacks", "clean,fgsm,pgd10,cw10", "--points", "100",
+            "--batch-size", "16", "--seed", "5", "--mode", mode, "--quiet"]  # fmt: skip
+    one = [sys.executable, "-m", "jeat.cli", *args]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "jeat.cli", *args]  # fmt: skip
+    for name, cmd in (("one", one), ("two", two)):
+        out = [
+            "--out",
+            str(tmp_path / f"{name}.json"),
+            "--per-point",
+            str(tmp_path / f"{name}.csv"),
+        ]
+        r = subprocess.run([*cmd, *out], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    a, b = (tmp_path / "one.csv").read_text(), (tmp_path / "two.csv").read_text()
+    assert a == b and len(a.splitlines()) == 101
+    rows = [json.loads((tmp_path / f"{n}.json").read_text())["attacks"] for n in ("one", "two")]
+    strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in rs] for rs in rows]
+    assert strip[0] == strip[1]
+    assert any(r["broken"] > 0 for r in rows[0][1:])  # the attacks broke points

@@ -236,15 +236,33 @@ def _out_base(args: argparse.Namespace, default_name: str) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from jeat.distributed import setup, teardown
     from jeat.finish import final_evaluation
     from jeat.sanity import CURVE_FACTORS, robustness_curve, sanity_checks, write_curve
     from jeat.utils import atomic_write, derive_seed, write_json
 
-    model, meta, cfg, data, n, threat, context = _eval_setup(args)
-    x, y = data.x_test[:n], data.y_test[:n]
-    seed = args.seed if args.seed is not None else derive_seed(cfg.seed, 11)
-    attacks = _csv(args.attacks) if args.attacks else None
-    result = final_evaluation(cfg, model, data, attacks, args.mode, context, not args.quiet, seed)
+    shards = None
+    if from_env().enabled:  # under torchrun: shard the test points across the processes
+        if args.sanity or args.curve:
+            raise JeatError(
+                "--sanity and --curve run on one process; drop them under torchrun (run them "
+                "with a plain jeat eval)"
+            )
+        shards, device = setup(args.device)
+        args.device = str(device)
+    try:
+        model, meta, cfg, data, n, threat, context = _eval_setup(args)
+        x, y = data.x_test[:n], data.y_test[:n]
+        seed = args.seed if args.seed is not None else derive_seed(cfg.seed, 11)
+        attacks = _csv(args.attacks) if args.attacks else None
+        result = final_evaluation(
+            cfg, model, data, attacks, args.mode, context, not args.quiet, seed, shards
+        )
+    finally:
+        if shards is not None:
+            teardown(shards)
+    if shards is not None and not shards.is_main:
+        return 0  # the first process prints and writes the (gathered, identical) table
     out = _out_base(args, "eval.json")
     payload: dict = {"dataset": meta["dataset"], "run": str(args.run), **result.to_dict()}
     written = []
@@ -312,6 +330,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         fh.write(text)
     with atomic_write(csv_path, "w") as fh:
         fh.write(result.csv())
+    if args.per_point:
+        with atomic_write(args.per_point, "w") as fh:
+            fh.write(result.per_point_csv())
+        written.append(Path(args.per_point))
     for path in [out, md, csv_path, *written]:
         print(f"wrote {path}")
     return 0
@@ -687,7 +709,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("eval", "attack"):
             s.add_argument("--norm", choices=["linf", "l2"])
             s.add_argument("--eps", type=_eps, help="budget in [0,1] pixel units, e.g. 8/255")
-            s.add_argument("--n", type=int, help="test points (0: all)")
+            s.add_argument(
+                "--n",
+                "--points",
+                dest="n",
+                type=int,
+                help="test points (0: all); under torchrun write --points (torchrun reads --n "
+                "as an abbreviation of its own options)",
+            )
             s.add_argument("--batch-size", type=int, default=256)
             default_seed = "from the run's seed" if name == "eval" else "0"
             s.add_argument("--seed", type=int, help=f"attack seed (default: {default_seed})")
@@ -706,6 +735,12 @@ def build_parser() -> argparse.ArgumentParser:
                 default="cascade",
                 help="cascade: later attacks only attack points still robust (default); "
                 "independent: every attack on every point",
+            )
+            s.add_argument(
+                "--per-point",
+                metavar="CSV",
+                help="also write one row per test point: its label, the first attack that "
+                "broke it, and every attack's outcome",
             )
             s.add_argument("--sanity", action="store_true", help="run the gradient-masking checks")
             s.add_argument("--sanity-attack", default="pgd20")

@@ -37,7 +37,7 @@ import types
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,9 @@ from jeat.attacks import (
 )
 from jeat.energy import check_labels
 from jeat.errors import JeatError
+
+if TYPE_CHECKING:
+    from jeat.distributed import DistContext
 
 __all__ = [
     "evaluate_model",
@@ -381,6 +384,35 @@ class EvalResult:
     robust_accuracy: float  # worst case over all attacks, percent
     warnings: list[str] = field(default_factory=list)
     robust: Tensor | None = field(default=None, repr=False)  # per point: survived everything
+    # per point and stage: 1 survived, 0 broken, -1 not attacked (cascade: broken earlier)
+    outcomes: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    labels: Tensor | None = field(default=None, repr=False)
+
+    def broken_by(self) -> list[str]:
+        """Per point, the first row (table order) that misclassified it; "" when robust."""
+        n = self.n
+        out = [""] * n
+        for name, o in self.outcomes.items():
+            for i in (o == 0).nonzero().squeeze(1).tolist():
+                if not out[i]:
+                    out[i] = name
+        return out
+
+    def per_point_csv(self) -> str:
+        """One row per point: index, label, the first row that broke it, whether it survived
+        everything, then each row's outcome (1 survived, 0 broken, empty: not attacked)."""
+        buf = io.StringIO()
+        names = list(self.outcomes)
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["index", "label", "broken_by", "robust", *names])
+        broken = self.broken_by()
+        labels = self.labels.tolist() if self.labels is not None else [""] * self.n
+        robust = self.robust.tolist() if self.robust is not None else [""] * self.n
+        cols = [self.outcomes[k].tolist() for k in names]
+        for i in range(self.n):
+            cells = ["" if c[i] < 0 else str(c[i]) for c in cols]
+            writer.writerow([i, labels[i], broken[i], int(robust[i]), *cells])
+        return buf.getvalue()
 
     @property
     def n(self) -> int:
@@ -476,8 +508,10 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> f
     return 100.0 * correct / max(1, len(x))
 
 
-def _stage_seed(seed: int, name: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+def _stage_seed(seed: int, name: str, start: int = 0) -> int:
+    """The seed of one batch of one stage: from the table's seed, the stage and the batch's
+    first position, so a batch draws the same random numbers whichever process runs it."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) + 7_919 * start) % (2**63)
 
 
 def _check_output(name: str, threat: ThreatModel | None, x_adv: Tensor, x: Tensor) -> None:
@@ -505,23 +539,36 @@ def _run_stage(
     seed: int,
     device: torch.device,
     progress: bool,
+    shards: DistContext | None = None,
 ) -> Tensor:
-    """Attack the points ``idx``; return which of them stay correctly classified."""
+    """Attack the points ``idx``; return which of them stay correctly classified. With
+    ``shards`` (a torchrun job), each process attacks every ``world_size``-th batch and the
+    results are gathered, so every process returns the one-process answer."""
     from tqdm.auto import tqdm
 
-    generator = torch.Generator(device=device).manual_seed(_stage_seed(seed, name))
+    rank, world = (shards.rank, shards.world_size) if shards is not None else (0, 1)
+    generator = torch.Generator(device=device)
     ok = torch.zeros(len(idx), dtype=torch.bool)
-    bar = tqdm(total=len(idx), desc=name, unit="pt", leave=False, disable=not progress)
+    starts = list(range(0, len(idx), batch_size))[rank::world]
+    mine = sum(min(batch_size, len(idx) - i) for i in starts)
+    bar = tqdm(total=mine, desc=name, unit="pt", leave=False, disable=not progress or rank != 0)
     with bar:
-        for i in range(0, len(idx), batch_size):
+        for i in starts:
             sel = idx[i : i + batch_size]
             xb, yb = x[sel].to(device), y[sel].to(device)
+            generator.manual_seed(_stage_seed(seed, name, i))
             # no autograd graph outside the attacks' own gradient steps (they enable it)
             with model_mode(model, True), torch.no_grad():
                 x_adv = attack(model, xb, yb, generator=generator, check=False)
                 _check_output(name, threat, x_adv, xb)
                 ok[i : i + batch_size] = (_predict(model, x_adv) == yb).cpu()
             bar.update(len(sel))
+    if world > 1:
+        assert shards is not None
+        parts = shards.all_gather([(i, ok[i : i + batch_size]) for i in starts])
+        for part in parts:
+            for i, chunk in part:
+                ok[i : i + len(chunk)] = chunk
     return ok
 
 
@@ -538,6 +585,7 @@ def evaluate(
     context: EvalContext | None = None,
     progress: bool = False,
     sanity_tolerance: float = 3.0,
+    shards: DistContext | None = None,
 ) -> EvalResult:
     """Robust accuracy of ``model`` under each attack on the same points, and the worst case.
 
@@ -547,6 +595,10 @@ def evaluate(
     ``torch.no_grad`` except inside gradient attacks. The result's ``warnings`` hold the sanity
     rules that this table can check (see :mod:`jeat.sanity`) and the reference AutoAttack's
     own warnings.
+
+    ``shards`` (a :class:`jeat.distributed.DistContext` of a torchrun job) splits every stage's
+    batches across the processes and gathers the per-point results: each process returns the
+    table, per point, that one process computes (batches are seeded by their position).
     """
     if mode not in ("cascade", "independent"):
         raise JeatError(f"unknown evaluation mode '{mode}'; use cascade or independent")
@@ -568,8 +620,9 @@ def evaluate(
     start = time.perf_counter()
     all_idx = torch.arange(n)
     clean_ok = _run_stage(
-        model, "clean", _identity, None, x, y, all_idx, batch_size, seed, device, False
+        model, "clean", _identity, None, x, y, all_idx, batch_size, seed, device, False, shards
     )
+    outcomes = {"clean": clean_ok.to(torch.int8)}
     rows = [
         AttackResult(
             "clean",
@@ -595,9 +648,13 @@ def evaluate(
             idx = base.nonzero().squeeze(1)
             t0 = time.perf_counter()
             ok = _run_stage(
-                model, name, attack, b.threat, x, y, idx, batch_size, seed, device, progress
-            )
+                model, name, attack, b.threat, x, y, idx, batch_size, seed, device, progress,
+                shards,
+            )  # fmt: skip
             secs = time.perf_counter() - t0
+            outcome = torch.full((n,), -1, dtype=torch.int8)
+            outcome[idx] = ok.to(torch.int8)
+            outcomes[name] = outcome
             if mode == "cascade":
                 robust[idx[~ok]] = False
             group_ok[idx[~ok]] = False
@@ -617,7 +674,16 @@ def evaluate(
                     b.spec.label,
                 )
             )
-    result = EvalResult(threat.norm, threat.eps, mode, rows, _pct(robust.sum(), n), robust=robust)
+    result = EvalResult(
+        threat.norm,
+        threat.eps,
+        mode,
+        rows,
+        _pct(robust.sum(), n),
+        robust=robust,
+        outcomes=outcomes,
+        labels=y.cpu(),
+    )
     result.warnings = table_warnings(result, built, sanity_tolerance)
     return result
 

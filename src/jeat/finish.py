@@ -106,9 +106,11 @@ def final_evaluation(
     context: EvalContext | None = None,
     progress: bool = False,
     seed: int | None = None,
+    shards: distributed.DistContext | None = None,
 ) -> EvalResult:
     """The robustness table on the first ``eval.n`` test points (``eval.mode`` unless given;
-    attack seeds from the run's seed unless ``seed`` is given)."""
+    attack seeds from the run's seed unless ``seed`` is given); ``shards`` splits it across
+    the processes of a torchrun job (see :func:`jeat.evaluate.evaluate`)."""
     n = len(data.x_test) if cfg.eval.n is None else min(cfg.eval.n, len(data.x_test))
     return evaluate(
         model,
@@ -122,6 +124,7 @@ def final_evaluation(
         num_classes=data.info.num_classes,
         context=context,
         progress=progress,
+        shards=shards,
     )
 
 

@@ -363,7 +363,9 @@ def _reason(exc: Exception) -> str:
 
 def _is_pickled_object(exc: Exception) -> bool:
     text = str(exc)
-    return "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text
+    # a pickled object names a class the weights-only unpickler refuses; a corrupt file fails
+    # earlier ("Unsupported operand", truncated data)
+    return "Unsupported global" in text or "GLOBAL " in text
 
 
 def _zip_names(path: Path) -> list[str]:
