@@ -123,6 +123,35 @@ def test_cascade_attacks_only_survivors_and_agrees_with_independent(digits, pgda
     assert not cas.warnings and not ind.warnings
 
 
+def test_cascade_runs_cheap_white_box_attacks_first(digits, pgdat_model):
+    x, y = digits.x_test[:120], digits.y_test[:120]
+    attacks = ["clean", "pgd40", "square:n_queries=20", "fgsm", "cw10"]
+    cas = evaluate(pgdat_model, x, y, attacks, LinfBall(EPS))
+    assert [r.attack for r in cas.rows] == ["clean", "fgsm", "cw10", "pgd40", "square:n_queries=20"]
+    given = evaluate(pgdat_model, x, y, attacks, LinfBall(EPS), order="given")
+    assert [r.attack for r in given.rows] == [
+        "clean",
+        "pgd40",
+        "square:n_queries=20",
+        "fgsm",
+        "cw10",
+    ]
+    # the cheap rows take the easy points: the expensive one attacks fewer points
+    assert cas.row("pgd40").attacked < given.row("pgd40").attacked
+    assert abs(cas.robust_accuracy - given.robust_accuracy) <= 2.5  # the same worst case
+    ind = evaluate(pgdat_model, x, y, attacks, LinfBall(EPS), mode="independent")
+    assert [r.attack for r in ind.rows] == [r.attack for r in given.rows]  # never reordered
+    # the per-point record: the first row that broke each point, in table order
+    broken = cas.broken_by()
+    assert broken.count("") == round(cas.robust_accuracy * len(x) / 100)
+    for r in cas.rows:
+        assert broken.count(r.attack) == r.broken
+    lines = cas.per_point_csv().splitlines()
+    assert (
+        lines[0].split(",")[:4] == ["index", "label", "broken_by", "robust"] and len(lines) == 121
+    )
+
+
 def test_table_is_written_as_text_markdown_csv_and_json(digits, standard_model):
     res = evaluate(standard_model, digits.x_test[:50], digits.y_test[:50],
                    "clean,fgsm,pgd5", LinfBall(EPS))  # fmt: skip

@@ -256,7 +256,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed = args.seed if args.seed is not None else derive_seed(cfg.seed, 11)
         attacks = _csv(args.attacks) if args.attacks else None
         result = final_evaluation(
-            cfg, model, data, attacks, args.mode, context, not args.quiet, seed, shards
+            cfg, model, data, attacks, args.mode, context, not args.quiet, seed, shards, args.order
         )
     finally:
         if shards is not None:
@@ -735,6 +735,13 @@ def build_parser() -> argparse.ArgumentParser:
                 default="cascade",
                 help="cascade: later attacks only attack points still robust (default); "
                 "independent: every attack on every point",
+            )
+            s.add_argument(
+                "--order",
+                choices=["cost", "given"],
+                default="cost",
+                help="cascade order: cost runs the white-box attacks cheapest first (default); "
+                "given keeps the list's order",
             )
             s.add_argument(
                 "--per-point",

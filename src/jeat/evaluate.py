@@ -73,6 +73,8 @@ __all__ = [
     "build_attack",
     "list_attacks",
     "evaluate",
+    "attack_cost",
+    "cascade_order",
     "accuracy",
     "CATEGORIES",
     "table_warnings",
@@ -586,6 +588,7 @@ def evaluate(
     progress: bool = False,
     sanity_tolerance: float = 3.0,
     shards: DistContext | None = None,
+    order: str = "cost",
 ) -> EvalResult:
     """Robust accuracy of ``model`` under each attack on the same points, and the worst case.
 
@@ -595,6 +598,10 @@ def evaluate(
     ``torch.no_grad`` except inside gradient attacks. The result's ``warnings`` hold the sanity
     rules that this table can check (see :mod:`jeat.sanity`) and the reference AutoAttack's
     own warnings.
+
+    In cascade mode ``order="cost"`` (the default) runs the white-box attacks cheapest first
+    (:func:`cascade_order`), so that cheap attacks remove the easy points before the expensive
+    ones run; ``order="given"`` keeps the list's order.
 
     ``shards`` (a :class:`jeat.distributed.DistContext` of a torchrun job) splits every stage's
     batches across the processes and gathers the per-point results: each process returns the
@@ -615,6 +622,10 @@ def evaluate(
     ctx.num_classes = ctx.num_classes or width
     ctx.image_shape = ctx.image_shape or tuple(x.shape[1:])
     built = [build_attack(s, threat, ctx) for s in specs if s.kind != "clean"]
+    if order not in ("cost", "given"):
+        raise JeatError(f"unknown attack order '{order}'; use cost or given")
+    if mode == "cascade" and order == "cost":
+        built = cascade_order(built)
 
     n = len(x)
     start = time.perf_counter()
@@ -686,6 +697,38 @@ def evaluate(
     )
     result.warnings = table_warnings(result, built, sanity_tolerance)
     return result
+
+
+def attack_cost(spec: AttackSpec) -> float:
+    """Rough cost of an attack per point, in forward-backward passes of the model (a forward
+    alone counts 1/3): what :func:`cascade_order` sorts by."""
+    o = spec.options
+    if spec.kind == "clean":
+        return 0.0
+    if spec.kind == "fgsm":
+        return 1.0
+    if spec.kind in _STEPPED:
+        targets = int(o.get("targets") or 9) if spec.targeted else 1
+        return float(spec.steps or 1) * int(o.get("restarts") or 1) * targets
+    if spec.kind == "square":
+        return int(o.get("n_queries") or 5000) * int(o.get("restarts") or 1) / 3
+    if spec.kind == "autoattack-fast":
+        return 100.0 + 9 * 100.0  # APGD-CE, then APGD-T on 9 targets
+    if spec.kind == "autoattack":
+        comps = o.get("components")
+        names = comps.split("+") if comps else ["apgd-ce", "apgd-t", "fab-t", "square"]
+        per = {"apgd-ce": 100.0, "apgd-t": 900.0, "fab-t": 900.0, "square": 5000 / 3}
+        return sum(per.get(c.strip(), 100.0) for c in names)
+    return float(o.get("steps") or 20)
+
+
+def cascade_order(built: list[BuiltAttack]) -> list[BuiltAttack]:
+    """The white-box attacks cheapest first (stable: equal costs keep their order), then every
+    other attack (black-box, transfer, occlusion) in the given order. Those stay last so that the
+    cascade's masking rule can still see them break points the white-box attacks left."""
+    white = [b for b in built if b.stages and b.stages[0][2] == "white-box"]
+    rest = [b for b in built if not (b.stages and b.stages[0][2] == "white-box")]
+    return sorted(white, key=lambda b: attack_cost(b.spec)) + rest
 
 
 def _describe_stage(b: BuiltAttack) -> str:

@@ -107,10 +107,12 @@ def final_evaluation(
     progress: bool = False,
     seed: int | None = None,
     shards: distributed.DistContext | None = None,
+    order: str = "cost",
 ) -> EvalResult:
     """The robustness table on the first ``eval.n`` test points (``eval.mode`` unless given;
     attack seeds from the run's seed unless ``seed`` is given); ``shards`` splits it across
-    the processes of a torchrun job (see :func:`jeat.evaluate.evaluate`)."""
+    the processes of a torchrun job and ``order`` is the cascade's attack order (see
+    :func:`jeat.evaluate.evaluate`)."""
     n = len(data.x_test) if cfg.eval.n is None else min(cfg.eval.n, len(data.x_test))
     return evaluate(
         model,
@@ -125,6 +127,7 @@ def final_evaluation(
         context=context,
         progress=progress,
         shards=shards,
+        order=order,
     )
 
 
