@@ -256,13 +256,17 @@ class PGD:
                             pos, xs, ys, x_adv, grad = (t[keep] for t in (pos, xs, ys, x_adv, grad))
                             ts = None if ts is None else ts[keep]
                             bounds = threat.bounds(xs)
-                        found = torch.zeros_like(keep, dtype=torch.bool)
-                        best = torch.empty_like(x_adv)
+                        if every > 1:
+                            found = torch.zeros_like(keep, dtype=torch.bool)
+                            best = torch.empty_like(x_adv)
                         if pos.numel() == 0:
                             break
                     x_adv = threat.advance(x_adv, grad, self.step_size, xs, bounds)
             if pos.numel() == 0:
                 break
+            if every == 1:  # every success so far was written out at its compaction
+                found = torch.zeros(pos.numel(), dtype=torch.bool, device=x.device)
+                best = torch.empty_like(x_adv)
             with torch.no_grad():
                 # the last iterate: its own success test, then compact for the next restart
                 self._record(logits_of(model, x_adv), ys, ts, x_adv, found, best)
