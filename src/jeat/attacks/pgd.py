@@ -249,15 +249,18 @@ class PGD:
                     else:  # remember first successes on the device until the next compaction
                         self._record(logits, ys, ts, x_adv, found, best)
                     if (step + 1) % every == 0 or step + 1 == self.steps:
-                        keep = (~found).nonzero().squeeze(1)  # the compaction's one host read
-                        if keep.numel() < pos.numel():
-                            done = found.nonzero().squeeze(1)
+                        # rows still standing first; their count is the compaction's one
+                        # host read
+                        order = torch.argsort(found.to(torch.uint8), stable=True)
+                        n_keep = pos.numel() - int(found.sum())
+                        if n_keep < pos.numel():
+                            keep, done = order[:n_keep], order[n_keep:]
                             out[pos[done]] = best[done]
                             pos, xs, ys, x_adv, grad = (t[keep] for t in (pos, xs, ys, x_adv, grad))
                             ts = None if ts is None else ts[keep]
                             bounds = threat.bounds(xs)
                         if every > 1:
-                            found = torch.zeros_like(keep, dtype=torch.bool)
+                            found = torch.zeros(n_keep, dtype=torch.bool, device=x.device)
                             best = torch.empty_like(x_adv)
                         if pos.numel() == 0:
                             break
