@@ -36,6 +36,7 @@ and for ``benchmarks/results/eval_active/`` (see its README for the CIFAR-shaped
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -222,6 +223,7 @@ def main() -> None:
     p.add_argument("--active-repeats-restarts", type=int, default=2,
                    help="timed rounds of PGD-100 x 5")  # fmt: skip
     p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/data"))
+    p.add_argument("--device", default="cpu", help="device of the active part (e.g. cuda)")
     args = p.parse_args()
     parts = {s.strip() for s in args.parts.split(",") if s.strip()}
     if unknown := parts - {"pgd", "table", "active"}:
@@ -254,10 +256,13 @@ def main() -> None:
         cifar_model = load_trained(args.cifar_run)[0].eval()
         cifar_data = load_dataset("cifar10", root=Path(args.data_dir))
         n_d, n_c = args.active_digits, args.active_cifar
+        dev = torch.device(args.device)
+        results["active_device"] = str(dev)
         models = [
-            ("digits PGD-AT small_cnn", model, data.x_test[:n_d], data.y_test[:n_d], eps),
-            ("CIFAR-10 PGD-AT small_cnn", cifar_model, cifar_data.x_test[:n_c],
-             cifar_data.y_test[:n_c], 8 / 255),
+            ("digits PGD-AT small_cnn", copy.deepcopy(model).to(dev),
+             data.x_test[:n_d].to(dev), data.y_test[:n_d].to(dev), eps),
+            ("CIFAR-10 PGD-AT small_cnn", cifar_model.to(dev), cifar_data.x_test[:n_c].to(dev),
+             cifar_data.y_test[:n_c].to(dev), 8 / 255),
         ]  # fmt: skip
         results["active"] = active_part(
             models, {"pgd20": args.active_repeats, "pgd100x5": args.active_repeats_restarts}

@@ -274,7 +274,8 @@ class PGD:
                 # the last iterate: its own success test, then compact for the next restart
                 self._record(logits_of(model, x_adv), ys, ts, x_adv, found, best)
                 out[pos] = torch.where(found.view(-1, *([1] * (x.dim() - 1))), best, x_adv)
-                pos = pos[~found]
+                if restart + 1 < self.restarts:
+                    pos = pos[~found]  # a compaction (one host read) before the next restart
         return out
 
     @staticmethod
