@@ -90,7 +90,7 @@ class PGD:
     iterate is its answer), so later steps and restarts only attack the points still standing.
     The working batch is compacted every ``compact_every`` steps (default: every step on the
     CPU, every 5 steps elsewhere, so that between compactions the loop never waits for the
-    device; a compaction reads one mask on the host). The random starts are drawn for the whole
+    device; a compaction reads one count on the host). The random starts are drawn for the whole
     batch as the full-batch attack draws them, so each remaining point follows the same
     trajectory as in the full batch. It needs a model that treats examples independently (eval
     mode: ``eval_mode=True``) and a threat without per-example state; otherwise, and with
