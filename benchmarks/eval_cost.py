@@ -6,6 +6,19 @@
 2. The full worst-case table (``clean,fgsm,pgd20,cw,autoattack`` in cascade mode) against
    AutoAttack alone on the same points: prints table / AutoAttack (the cascade's promise is
    "little more than its strongest attack").
+3. ``--parts active``: PGD in evaluation mode (``keep_success=True``: each point's first
+   fooling iterate; the active set drops fooled points from the batch and restarts attack only
+   the points still standing) against torchattacks on trained models, side by side: PGD-20
+   against ``torchattacks.PGD``, and PGD-100 with 5 restarts against
+   ``torchattacks.MultiAttack`` of five ``torchattacks.PGD`` (torchattacks' PGD has no
+   restarts; MultiAttack runs each attack on the points the previous ones left correctly
+   classified and keeps each point's first success). Every round runs torchattacks, ours
+   (active set) and ours with ``active_set=False`` on the same batch, in rotated order after
+   one untimed warm-up round, each with a fresh random start (torchattacks from the global
+   seed, ours from a generator); times are medians, accuracies the mean over the timed rounds
+   (a point counts as robust when it is classified correctly clean and after the attack).
+   Targets: ours / torchattacks <= 0.7 (PGD-20) and <= 0.4 (PGD-100 x 5), with our accuracy
+   never above theirs by more than 0.5 points.
 
 Models: a PGD-AT ``small_cnn`` trained on the embedded digits (or loaded with ``--run``), and
 for the PGD timing also a CIFAR-shaped ``small_cnn`` (3x32x32, untrained: timing only).
@@ -13,26 +26,183 @@ for the PGD timing also a CIFAR-shaped ``small_cnn`` (3x32x32, untrained: timing
 Usage (the command that produced ``benchmarks/results/eval_cost/``)::
 
     python benchmarks/eval_cost.py --out benchmarks/results/eval_cost
+
+and for ``benchmarks/results/eval_active/`` (see its README for the CIFAR-shaped model)::
+
+    python benchmarks/eval_cost.py --parts active --cifar-run runs/benchmarks/cifar-pgdat \
+        --out benchmarks/results/eval_active
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
+import statistics
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from common import pgd_ratio
+from common import Measured, paired_ratio, pgd_ratio, ratio_text, rotated, sync
+from torch import Tensor, nn
 
-from jeat.attacks import LinfBall
+from jeat.attacks import PGD, LinfBall
 from jeat.config import load_config
 from jeat.data import load_dataset
 from jeat.evaluate import evaluate
 from jeat.finish import train_and_finish
 from jeat.models import create_model
 from jeat.runs import load_trained
+
+
+def active_vs_torchattacks(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    steps: int,
+    restarts: int,
+    repeats: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Our evaluation PGD against torchattacks on ``(x, y)``, interleaved; times (median s),
+    accuracies (mean %) and the ratios.
+
+    With one restart the rows are ``torchattacks.PGD``, ours (active set) and ours on the full
+    batch (``active_set=False``). With restarts: ``torchattacks.MultiAttack`` of ``restarts``
+    PGDs (torchattacks' way to restart: each PGD attacks only the points the previous ones left
+    correctly classified), ``restarts`` independent full-batch ``torchattacks.PGD`` runs keeping
+    each point's first success, and ours (active set)."""
+    import torchattacks
+
+    model.eval()
+    device = x.device
+    with torch.no_grad():
+        clean_ok = model(x).argmax(1) == y
+    ours = PGD(LinfBall(eps), steps=steps, restarts=restarts, keep_success=True)
+
+    def ta_pgd() -> Any:
+        return torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=steps, random_start=True)
+
+    def ours_run(attack: PGD) -> Callable[[Tensor, Tensor, int], Tensor]:
+        def run(xb: Tensor, yb: Tensor, r: int) -> Tensor:
+            gen = torch.Generator(device=device).manual_seed(seed * 1000 + r)
+            return attack(model, xb, yb, generator=gen, check=False)
+
+        return run
+
+    variants: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {}
+    if restarts == 1:
+        one = ta_pgd()
+        variants["torchattacks"] = lambda xb, yb, r: one(xb, yb)
+        variants["ours"] = ours_run(ours)
+        variants["ours_full_batch"] = ours_run(replace(ours, active_set=False))
+    else:
+        multi = torchattacks.MultiAttack([ta_pgd() for _ in range(restarts)])
+        single = ta_pgd()
+
+        def independent(xb: Tensor, yb: Tensor, r: int) -> Tensor:
+            best = xb.clone()
+            fooled = torch.zeros(len(xb), dtype=torch.bool, device=device)
+            for _ in range(restarts):
+                xa = single(xb, yb)
+                with torch.no_grad():
+                    now = model(xa).argmax(1) != yb
+                take = ~fooled
+                best[take] = xa[take]
+                fooled |= now
+            return best
+
+        variants["torchattacks"] = lambda xb, yb, r: multi(xb, yb)
+        variants[f"torchattacks_{restarts}_runs"] = independent
+        variants["ours"] = ours_run(ours)
+    names = list(variants)
+    for name in names:  # warm-up on a few points, untimed
+        variants[name](x[:16], y[:16], -1)
+    times = {n: Measured() for n in names}
+    accs: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in rotated(names, r):
+            torch.manual_seed(seed * 1000 + r)  # torchattacks' random starts
+            sync(device)
+            start = time.perf_counter()
+            x_adv = variants[name](x, y, r)
+            sync(device)
+            seconds = time.perf_counter() - start
+            times[name].add(seconds, None)
+            with torch.no_grad():
+                ok = (model(x_adv).argmax(1) == y) & clean_ok
+            accs[name].append(100.0 * float(ok.float().mean()))
+            print(f"    round {r + 1}/{repeats}: {name} {seconds:.3f}s acc {accs[name][-1]:.2f}%",
+                  flush=True)  # fmt: skip
+    out: dict[str, Any] = {
+        "points": len(x),
+        "steps": steps,
+        "restarts": restarts,
+        "clean_acc": 100.0 * float(clean_ok.float().mean()),
+        "rounds": repeats,
+        "variants": names,
+        "seconds": {n: times[n].seconds for n in names},
+        "median_s": {n: times[n].median for n in names},
+        "accuracies": accs,
+        "mean_acc": {n: statistics.mean(accs[n]) for n in names},
+    }
+    base = times["torchattacks"]
+    out["ratio"] = times["ours"].median / base.median
+    out["ratio_paired"] = paired_ratio(times["ours"], base)
+    out["ratios_to_torchattacks"] = {n: times[n].median / base.median for n in names}
+    out["acc_ours_minus_torchattacks"] = out["mean_acc"]["ours"] - out["mean_acc"]["torchattacks"]
+    return out
+
+
+ACTIVE_CASES = (("pgd20", 20, 1, 0.7), ("pgd100x5", 100, 5, 0.4))
+
+
+def active_part(
+    models: list[tuple[str, nn.Module, Tensor, Tensor, float]], repeats: dict[str, int]
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for model_name, model, x, y, eps in models:
+        for case, steps, restarts, target in ACTIVE_CASES:
+            key = f"{case} {model_name}"
+            print(f"{key}: {len(x)} points, eps {eps:.4g}", flush=True)
+            r = active_vs_torchattacks(model, x, y, eps, steps, restarts, repeats[case])
+            r.update(target_ratio=target, model=model_name, case=case)
+            results[key] = r
+            times = ", ".join(f"{n} {t:.3f}s" for n, t in r["median_s"].items())
+            accs = ", ".join(f"{n} {a:.2f}%" for n, a in r["mean_acc"].items())
+            print(f"{key}: {times}; ours / torchattacks {r['ratio']:.3f} (per round "
+                  f"{ratio_text(r['ratio_paired'])}; target <= {target}); accuracy {accs}",
+                  flush=True)  # fmt: skip
+    return results
+
+
+def active_table(results: dict[str, Any]) -> str:
+    lines = [
+        "| model, points | attack | row | median s | time / torchattacks | accuracy % (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results.values():
+        attack = "PGD-20" if r["restarts"] == 1 else f"PGD-{r['steps']}, {r['restarts']} restarts"
+        for n in r["variants"]:
+            lines.append(
+                f"| {r['model']}, {r['points']} | {attack} | {n} | {r['median_s'][n]:.3f} | "
+                f"{r['ratios_to_torchattacks'][n]:.2f} | {r['mean_acc'][n]:.2f} |"
+            )
+    lines.append("")
+    lines.append("| model | attack | ours / torchattacks (target) | ours - torchattacks accuracy |")
+    lines.append("|---|---|---|---|")
+    for r in results.values():
+        attack = "PGD-20" if r["restarts"] == 1 else f"PGD-{r['steps']}, {r['restarts']} restarts"
+        lines.append(
+            f"| {r['model']} | {attack} | {r['ratio']:.2f} (<= {r['target_ratio']}) | "
+            f"{r['acc_ours_minus_torchattacks']:+.2f} points (<= +0.5) |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -43,7 +213,23 @@ def main() -> None:
     p.add_argument("--n", type=int, default=360, help="test points for the table comparison")
     p.add_argument("--n-queries", type=int, default=5000, help="Square's budget in AutoAttack")
     p.add_argument("--out", help="folder for results.json and README-ready table.md")
+    p.add_argument(
+        "--parts", default="pgd,table", help="comma list of pgd, table, active (see above)"
+    )
+    p.add_argument("--cifar-run", help="a trained CIFAR-10 run folder (for --parts active)")
+    p.add_argument("--active-digits", type=int, default=360, help="digits points (active)")
+    p.add_argument("--active-cifar", type=int, default=256, help="CIFAR test points (active)")
+    p.add_argument("--active-repeats", type=int, default=5, help="timed rounds of PGD-20")
+    p.add_argument("--active-repeats-restarts", type=int, default=2,
+                   help="timed rounds of PGD-100 x 5")  # fmt: skip
+    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/data"))
+    p.add_argument("--device", default="cpu", help="device of the active part (e.g. cuda)")
     args = p.parse_args()
+    parts = {s.strip() for s in args.parts.split(",") if s.strip()}
+    if unknown := parts - {"pgd", "table", "active"}:
+        p.error(f"unknown part(s) {sorted(unknown)}; choose from pgd, table, active")
+    if "active" in parts and not args.cifar_run:
+        p.error("--parts active needs --cifar-run (a trained CIFAR-10 run folder)")
     torch.manual_seed(0)
 
     data = load_dataset("digits")
@@ -64,16 +250,54 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
 
-    x, y = data.x_test[:256], data.y_test[:256]
-    results["pgd20_digits"] = pgd_ratio(model, x, y, eps, args.repeats)
-    cifar = create_model("small_cnn", in_channels=3, num_classes=10).eval()
-    xc = torch.rand(128, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    yc = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(1))
-    results["pgd20_cifar_shape"] = pgd_ratio(cifar, xc, yc, 8 / 255, max(3, args.repeats // 2))
-    for k in ("pgd20_digits", "pgd20_cifar_shape"):
-        r = results[k]
-        print(f"{k}: jeat {r['ours_s']:.3f}s  torchattacks {r['torchattacks_s']:.3f}s  "
-              f"ratio {r['ratio']:.2f}")  # fmt: skip
+    lines = ["| measurement | jeat | reference | ratio |", "|---|---|---|---|"]
+    active_md = ""
+    if "active" in parts:
+        cifar_model = load_trained(args.cifar_run)[0].eval()
+        cifar_data = load_dataset("cifar10", root=Path(args.data_dir))
+        n_d, n_c = args.active_digits, args.active_cifar
+        dev = torch.device(args.device)
+        results["active_device"] = str(dev)
+        models = [
+            ("digits PGD-AT small_cnn", copy.deepcopy(model).to(dev),
+             data.x_test[:n_d].to(dev), data.y_test[:n_d].to(dev), eps),
+            ("CIFAR-10 PGD-AT small_cnn", cifar_model.to(dev), cifar_data.x_test[:n_c].to(dev),
+             cifar_data.y_test[:n_c].to(dev), 8 / 255),
+        ]  # fmt: skip
+        results["active"] = active_part(
+            models, {"pgd20": args.active_repeats, "pgd100x5": args.active_repeats_restarts}
+        )
+        active_md = active_table(results["active"])
+        print(active_md)
+    if "pgd" in parts:
+        x, y = data.x_test[:256], data.y_test[:256]
+        results["pgd20_digits"] = pgd_ratio(model, x, y, eps, args.repeats)
+        cifar = create_model("small_cnn", in_channels=3, num_classes=10).eval()
+        xc = torch.rand(128, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        yc = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(1))
+        results["pgd20_cifar_shape"] = pgd_ratio(cifar, xc, yc, 8 / 255, max(3, args.repeats // 2))
+        for k in ("pgd20_digits", "pgd20_cifar_shape"):
+            r = results[k]
+            print(f"{k}: jeat {r['ours_s']:.3f}s  torchattacks {r['torchattacks_s']:.3f}s  "
+                  f"ratio {r['ratio']:.2f}")  # fmt: skip
+            lines.append(
+                f"| PGD-20, batch {'x'.join(map(str, r['batch']))} | {r['ours_s']:.3f} s | "
+                f"{r['torchattacks_s']:.3f} s (torchattacks) | {r['ratio']:.2f} |"
+            )
+    if "table" in parts:
+        table_part(model, data, eps, args, results, lines)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        other = "\n".join(lines) + "\n" if len(lines) > 2 else ""
+        (out / "table.md").write_text("\n".join(t for t in (active_md, other) if t))
+        print(f"wrote {out}")
+
+
+def table_part(
+    model: nn.Module, data: Any, eps: float, args: Any, results: dict, lines: list[str]
+) -> None:
 
     xt, yt = data.x_test[: args.n], data.y_test[: args.n]
     aa = f"autoattack:n_queries={args.n_queries}"
@@ -99,27 +323,11 @@ def main() -> None:
     print(f"full table {t_table:.1f}s / AutoAttack alone {t_alone:.1f}s = "
           f"{t_table / t_alone:.2f}  (robust accuracy {table.robust_accuracy:.2f}% vs "
           f"{alone.robust_accuracy:.2f}%)")  # fmt: skip
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        lines = [
-            "| measurement | jeat | reference | ratio |",
-            "|---|---|---|---|",
-        ]
-        for k in ("pgd20_digits", "pgd20_cifar_shape"):
-            r = results[k]
-            lines.append(
-                f"| PGD-20, batch {'x'.join(map(str, r['batch']))} | {r['ours_s']:.3f} s | "
-                f"{r['torchattacks_s']:.3f} s (torchattacks) | {r['ratio']:.2f} |"
-            )
-        r = results["table_vs_autoattack"]
-        lines.append(
-            f"| worst-case table vs AutoAttack, {r['n']} digits points | {r['table_s']:.1f} s | "
-            f"{r['autoattack_s']:.1f} s (AutoAttack alone) | {r['ratio']:.2f} |"
-        )
-        (out / "table.md").write_text("\n".join(lines) + "\n")
-        print(f"wrote {out}")
+    r = results["table_vs_autoattack"]
+    lines.append(
+        f"| worst-case table vs AutoAttack, {r['n']} digits points | {r['table_s']:.1f} s | "
+        f"{r['autoattack_s']:.1f} s (AutoAttack alone) | {r['ratio']:.2f} |"
+    )
 
 
 if __name__ == "__main__":

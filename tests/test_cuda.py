@@ -49,9 +49,10 @@ def _net(channels: int = 1) -> torch.nn.Module:
 
 LOOPS = {
     "PGD L-inf": lambda m, x, y: PGD(LinfBall(0.2), 5)(m, x, y, check=False),
-    "PGD L2, first success kept": lambda m, x, y: PGD(L2Ball(1.0), 5, keep_success=True)(
-        m, x, y, check=False
-    ),
+    # the full-batch path; the active set (compactions read a count) is checked below
+    "PGD L2, first success kept": lambda m, x, y: PGD(
+        L2Ball(1.0), 5, keep_success=True, active_set=False
+    )(m, x, y, check=False),
     "SGLD on E(x)": lambda m, x, y: SGLD(5)(m, x),
     "SGLD on E(x, y)": lambda m, x, y: SGLD(5)(m, x, y),
     "seeded descent": lambda m, x, y: SeededDescent(steps=5)(m, x, y),
@@ -129,6 +130,29 @@ def _syncs(fn) -> int:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchronizing CUDA operation" in str(w.message) for w in seen)
+
+
+@pytest.mark.parametrize("threat", [LinfBall(0.2), L2Ball(1.0)])
+def test_cuda_active_set_waits_for_the_device_only_at_compactions(threat):
+    """The evaluation PGD's active set compacts every 5 steps on CUDA: 20 steps are 4
+    compactions, each with one host read (a few at most), never one per step; and it returns
+    what the full-batch attack returns."""
+    model = _net()
+    x = torch.rand(64, 1, 8, 8, device=CUDA)
+    y = torch.randint(0, 10, (64,), device=CUDA)
+    attack = PGD(threat, 20, keep_success=True)
+    assert attack.uses_active_set
+
+    def run(a):
+        return a(model, x, y, generator=torch.Generator(CUDA).manual_seed(0), check=False)
+
+    run(attack)  # warm-up
+    assert _syncs(lambda: run(attack)) <= 2 * (20 // 5)
+    full = run(PGD(threat, 20, keep_success=True, active_set=False))
+    with torch.no_grad():
+        fooled_active = (model(run(attack)).argmax(1) != y).sum()
+        fooled_full = (model(full).argmax(1) != y).sum()
+    assert abs(int(fooled_active) - int(fooled_full)) <= 1
 
 
 @pytest.mark.parametrize("config", ["standard", "pgdat", "trades", "jem", "jeat"])

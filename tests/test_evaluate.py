@@ -67,6 +67,8 @@ def test_attack_names_and_options_parse():
         ("square:n_queries=0", "n_queries must be >= 1"),
         ("autoattack:version=fast", "unknown AutoAttack version"),
         ("autoattack:components=apgd-ce+xyz", "unknown AutoAttack component"),
+        ("autoattack-fast:version=plus", "has no option 'version'"),
+        ("pgd20:active=2", "option active must be 0 or 1"),
         ("sgm", "needs a source model"),
         ("roa:size=9", "does not fit in 8x8 images"),
         ("roa:search=random", "search"),

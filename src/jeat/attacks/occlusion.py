@@ -123,6 +123,7 @@ class Occlusion(ThreatModel):
     """
 
     norm = "patch"
+    rowwise = False  # the placed mask holds one rectangle per example
 
     def __init__(self, height: int, width: int, mask: Tensor | None = None) -> None:
         self.height = _check_int(height, "occlusion rectangle height")

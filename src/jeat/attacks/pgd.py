@@ -84,6 +84,17 @@ class PGD:
     iterate can be correctly classified again after an earlier one was not, which would make
     more steps look weaker. It costs no extra forward pass (the logits of every iterate are
     computed for its gradient anyway). Training keeps the last iterate, as Madry et al. do.
+
+    With ``keep_success=True`` the attack also works on an *active set* (``active_set=True``,
+    the default): a point leaves the working batch once an iterate fools the model (that
+    iterate is its answer), so later steps and restarts only attack the points still standing.
+    The working batch is compacted every ``compact_every`` steps (default: every step on the
+    CPU, every 5 steps elsewhere, so that between compactions the loop never waits for the
+    device; a compaction reads one count on the host). The random starts are drawn for the whole
+    batch as the full-batch attack draws them, so each remaining point follows the same
+    trajectory as in the full batch. It needs a model that treats examples independently (eval
+    mode: ``eval_mode=True``) and a threat without per-example state; otherwise, and with
+    ``active_set=False``, every step and restart runs on the whole batch.
     """
 
     threat: ThreatModel
@@ -94,10 +105,16 @@ class PGD:
     restarts: int = 1
     eval_mode: bool = True
     keep_success: bool = False
+    active_set: bool = True
+    compact_every: int | None = None
 
     def __post_init__(self) -> None:
         _check_int(self.steps, "attack steps")
         _check_int(self.restarts, "attack restarts")
+        if not isinstance(self.active_set, bool):
+            raise JeatError(f"active_set must be True or False, got {self.active_set!r}")
+        if self.compact_every is not None:
+            _check_int(self.compact_every, "compact_every")
         attack_loss(self.loss)
         if self.step_size is None:
             self.step_size = self.threat.default_step_size
@@ -107,6 +124,16 @@ class PGD:
     @property
     def eps(self) -> float:
         return self.threat.eps
+
+    @property
+    def uses_active_set(self) -> bool:
+        """Whether calls drop fooled points from the working batch (see the class notes)."""
+        return (
+            self.keep_success
+            and self.active_set
+            and self.eval_mode
+            and getattr(self.threat, "rowwise", False)
+        )
 
     def __call__(
         self,
@@ -132,6 +159,8 @@ class PGD:
                 check_labels(y, width, x.shape[0])
                 if target is not None:
                     check_labels(target, width, x.shape[0])
+            if self.uses_active_set:
+                return self._run_active(model, x, y, target, loss_fn, generator)
             best = x.clone()
             fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             for _ in range(self.restarts):
@@ -179,17 +208,92 @@ class PGD:
             self._record(logits_of(model, x_adv), y, target, x_adv, found, best)
             return torch.where(found.view(-1, *([1] * (x.dim() - 1))), best, x_adv)
 
+    def _run_active(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
+        loss_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Every restart on the points not yet fooled, each point leaving the working batch
+        at the first iterate that fools the model (written into the output at its index)."""
+        threat = self.threat
+        n = x.shape[0]
+        every = self.compact_every or (1 if x.device.type == "cpu" else 5)
+        out = x.clone()
+        pos = torch.arange(n, device=x.device)  # original index of each working row
+        for restart in range(self.restarts):
+            if pos.numel() == 0:
+                break
+            # drawn for the whole batch, as the full-batch attack draws them
+            start = threat.random_init(x, generator) if self.random_start else x.clone()
+            if restart == 0:
+                xs, ys, ts, x_adv = x, y, target, start
+            else:
+                xs, ys, x_adv = x[pos], y[pos], start[pos]
+                ts = None if target is None else target[pos]
+            bounds = threat.bounds(xs)
+            found = torch.zeros(pos.numel(), dtype=torch.bool, device=x.device)
+            best = torch.empty_like(x_adv)
+            for step in range(self.steps):
+                x_adv.requires_grad_(True)
+                logits = logits_of(model, x_adv)
+                loss = loss_fn(logits, ys, ts).sum()
+                (grad,) = torch.autograd.grad(loss, x_adv)
+                with torch.no_grad():
+                    x_adv = x_adv.detach()
+                    if every == 1:  # compact now: the fooled rows' answer is this iterate
+                        found, best = _fooled(logits, ys, ts), x_adv
+                    else:  # remember first successes on the device until the next compaction
+                        self._record(logits, ys, ts, x_adv, found, best)
+                    if (step + 1) % every == 0 or step + 1 == self.steps:
+                        # rows still standing first; their count is the compaction's one
+                        # host read
+                        order = torch.argsort(found.to(torch.uint8), stable=True)
+                        n_keep = pos.numel() - int(found.sum())
+                        if n_keep < pos.numel():
+                            keep, done = order[:n_keep], order[n_keep:]
+                            out[pos[done]] = best[done]
+                            pos, xs, ys, x_adv, grad = (t[keep] for t in (pos, xs, ys, x_adv, grad))
+                            ts = None if ts is None else ts[keep]
+                            bounds = threat.bounds(xs)
+                        if every > 1:
+                            found = torch.zeros(n_keep, dtype=torch.bool, device=x.device)
+                            best = torch.empty_like(x_adv)
+                        if pos.numel() == 0:
+                            break
+                    x_adv = threat.advance(x_adv, grad, self.step_size, xs, bounds)
+            if pos.numel() == 0:
+                break
+            if every == 1:  # every success so far was written out at its compaction
+                found = torch.zeros(pos.numel(), dtype=torch.bool, device=x.device)
+                best = torch.empty_like(x_adv)
+            with torch.no_grad():
+                # the last iterate: its own success test, then compact for the next restart
+                self._record(logits_of(model, x_adv), ys, ts, x_adv, found, best)
+                out[pos] = torch.where(found.view(-1, *([1] * (x.dim() - 1))), best, x_adv)
+                if restart + 1 < self.restarts:
+                    pos = pos[~found]  # a compaction (one host read) before the next restart
+        return out
+
     @staticmethod
     def _record(
         logits: Tensor, y: Tensor, target: Tensor | None, x_adv: Tensor, found: Tensor, best: Tensor
     ) -> None:
         """Store the iterates that fool the model for the first time (in place, with no
         host-device synchronisation: the attack loop never waits for the device)."""
-        pred = logits.argmax(1)
-        now = (pred == target if target is not None else pred != y) & ~found
+        now = _fooled(logits, y, target) & ~found
         mask = now.view(-1, *([1] * (x_adv.dim() - 1)))
         torch.where(mask, x_adv.detach(), best, out=best)
         found |= now
+
+
+def _fooled(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
+    """Which rows the attack has won: predicted as the target (targeted) or not as y."""
+    pred = logits.argmax(1)
+    return pred == target if target is not None else pred != y
 
 
 def FGSM(threat: ThreatModel, loss: str = "ce", eval_mode: bool = True) -> PGD:  # noqa: N802

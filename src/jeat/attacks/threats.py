@@ -27,6 +27,9 @@ class ThreatModel(ABC):
     """The set ``{x' : ||x' - x|| <= eps, x' in [0, 1]^d}`` with the moves PGD needs."""
 
     norm: str
+    # True when every move acts on each example alone from ``x`` and ``eps`` (no per-example
+    # state in the threat), so that PGD may drop rows from its working batch mid-attack.
+    rowwise: bool = True
 
     def __init__(self, eps: float) -> None:
         eps = float(eps)
