@@ -46,7 +46,9 @@ def test_train_eval_generate_pipeline(tmp_path):
         quiet = ("config.yaml", "run.json", "metrics.jsonl", "analysis/analysis.json")
         assert str(run / name) in r.stdout or name in quiet
     table = json.loads((run / "eval.json").read_text())
-    assert [a["attack"] for a in table["attacks"]] == ["clean", "fgsm", "pgd20"]
+    assert [a["attack"] for a in table["attacks"]] == [
+        "clean", "fgsm", "pgd20", "autoattack-fast/apgd-ce", "autoattack-fast/apgd-t"
+    ]  # fmt: skip
     assert table["eps"] == pytest.approx(0.2) and table["n"] == 100
     assert table["robust_accuracy"] <= min(a["accuracy"] for a in table["attacks"])
     grid = Image.open(run / "samples.png")
@@ -60,9 +62,9 @@ def test_train_eval_generate_pipeline(tmp_path):
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["eps"] == pytest.approx(8 / 255) and e["mode"] == "cascade"
     assert [a["attack"] for a in e["attacks"]] == [
-        "clean", "pgd5", "cw10", "roa:steps=3", "pgd5-t:targets=2"
-    ]  # fmt: skip
-    assert e["attacks"][3]["threat"] == "patch 2x2"
+        "clean", "pgd5", "cw10", "pgd5-t:targets=2", "roa:steps=3"
+    ]  # fmt: skip  (cascade: white-box attacks cheapest first, occlusion after them)
+    assert e["attacks"][4]["threat"] == "patch 2x2"
     assert (tmp_path / "e.md").read_text().count("| pgd5 ") == 1
     assert (tmp_path / "e.csv").read_text().splitlines()[0].startswith("attack,category")
     assert e["curve"]["eps"] == pytest.approx([0, 4 / 255, 8 / 255])

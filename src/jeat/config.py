@@ -102,7 +102,9 @@ class ScheduleConfig:
 @dataclass
 class EvalConfig:
     n: int | None = 1000  # test points (None: all)
-    attacks: list[str] = field(default_factory=lambda: ["clean", "fgsm", "pgd20"])
+    attacks: list[str] = field(
+        default_factory=lambda: ["clean", "fgsm", "pgd20", "autoattack-fast"]
+    )
     # independent: every attack on every point (per-attack accuracy); cascade: the worst-case
     # pass that only re-attacks points still robust (cheaper; `jeat eval`'s default)
     mode: str = "independent"

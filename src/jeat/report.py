@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jeat.config import EvalConfig
 from jeat.errors import JeatError
 from jeat.utils import atomic_write, pyplot
 
@@ -190,7 +191,7 @@ def _reproduce(run: _Run) -> str:
     argv = run.info.get("argv") or []
     train = shlex.join(str(a) for a in argv) if argv else "(not recorded)"
     eval_cfg = run.config.get("eval") or {}
-    attacks = ",".join(eval_cfg.get("attacks") or ["clean", "fgsm", "pgd20"])
+    attacks = ",".join(eval_cfg.get("attacks") or EvalConfig().attacks)
     return (
         "<p>The training command as it was run, then the commands that rebuild each section "
         "from the trained model (the final steps of <code>jeat train</code> ran them "
