@@ -19,6 +19,10 @@
    (a point counts as robust when it is classified correctly clean and after the attack).
    Targets: ours / torchattacks <= 0.7 (PGD-20) and <= 0.4 (PGD-100 x 5), with our accuracy
    never above theirs by more than 0.5 points.
+4. ``--parts default``: the main job's default table (``clean,fgsm,pgd20,autoattack-fast``,
+   cascade, cheap attacks first) against ``autoattack-fast`` alone (``clean,autoattack-fast``)
+   on the same points, interleaved rounds: prints table / alone with a bootstrap interval
+   (target: <= 1.2) and both worst cases.
 
 Models: a PGD-AT ``small_cnn`` trained on the embedded digits (or loaded with ``--run``), and
 for the PGD timing also a CIFAR-shaped ``small_cnn`` (3x32x32, untrained: timing only).
@@ -214,7 +218,7 @@ def main() -> None:
     p.add_argument("--n-queries", type=int, default=5000, help="Square's budget in AutoAttack")
     p.add_argument("--out", help="folder for results.json and README-ready table.md")
     p.add_argument(
-        "--parts", default="pgd,table", help="comma list of pgd, table, active (see above)"
+        "--parts", default="pgd,table", help="comma list of pgd, table, active, default (see above)"
     )
     p.add_argument("--cifar-run", help="a trained CIFAR-10 run folder (for --parts active)")
     p.add_argument("--active-digits", type=int, default=360, help="digits points (active)")
@@ -226,8 +230,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="device of the active part (e.g. cuda)")
     args = p.parse_args()
     parts = {s.strip() for s in args.parts.split(",") if s.strip()}
-    if unknown := parts - {"pgd", "table", "active"}:
-        p.error(f"unknown part(s) {sorted(unknown)}; choose from pgd, table, active")
+    if unknown := parts - {"pgd", "table", "active", "default"}:
+        p.error(f"unknown part(s) {sorted(unknown)}; choose from pgd, table, active, default")
     if "active" in parts and not args.cifar_run:
         p.error("--parts active needs --cifar-run (a trained CIFAR-10 run folder)")
     torch.manual_seed(0)
@@ -286,6 +290,8 @@ def main() -> None:
             )
     if "table" in parts:
         table_part(model, data, eps, args, results, lines)
+    if "default" in parts:
+        default_part(model, data, eps, args, results, lines)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -293,6 +299,51 @@ def main() -> None:
         other = "\n".join(lines) + "\n" if len(lines) > 2 else ""
         (out / "table.md").write_text("\n".join(t for t in (active_md, other) if t))
         print(f"wrote {out}")
+
+
+def default_part(
+    model: nn.Module, data: Any, eps: float, args: Any, results: dict, lines: list[str]
+) -> None:
+    """The default table against autoattack-fast alone, ``--repeats`` interleaved rounds."""
+    xt, yt = data.x_test[: args.n], data.y_test[: args.n]
+    threat = LinfBall(eps)
+    variants = {
+        "table": ["clean", "fgsm", "pgd20", "autoattack-fast"],
+        "alone": ["clean", "autoattack-fast"],
+    }
+    seconds: dict[str, list[float]] = {k: [] for k in variants}
+    tables: dict[str, list[Any]] = {k: [] for k in variants}
+    for r in range(args.repeats + 1):  # round 0: warm-up, untimed
+        for name in rotated(list(variants), r):
+            t0 = time.perf_counter()
+            res = evaluate(model, xt, yt, variants[name], threat, seed=r)
+            if r:
+                seconds[name].append(time.perf_counter() - t0)
+                tables[name].append(res)
+    stat = paired_ratio(Measured(seconds["table"]), Measured(seconds["alone"]))
+    acc = {k: [t.robust_accuracy for t in v] for k, v in tables.items()}
+    results["default_vs_autoattack_fast"] = {
+        "n": len(xt),
+        "rounds": args.repeats,
+        "table_s": seconds["table"],
+        "alone_s": seconds["alone"],
+        "ratio": stat,
+        "table_acc": acc["table"],
+        "alone_acc": acc["alone"],
+        "table": tables["table"][-1].to_dict(),
+        "alone": tables["alone"][-1].to_dict(),
+    }
+    print(tables["table"][-1].table())
+    print(tables["alone"][-1].table())
+    mean_t, mean_a = statistics.mean(acc["table"]), statistics.mean(acc["alone"])
+    print(f"default table / autoattack-fast alone: {ratio_text(stat)} (target <= 1.2); "
+          f"worst case {mean_t:.2f}% vs {mean_a:.2f}%")  # fmt: skip
+    lines.append(
+        f"| default table (clean, fgsm, pgd20, autoattack-fast) vs autoattack-fast alone, "
+        f"{len(xt)} digits points, {args.repeats} rounds | "
+        f"{statistics.median(seconds['table']):.1f} s | "
+        f"{statistics.median(seconds['alone']):.1f} s | {ratio_text(stat)} |"
+    )
 
 
 def table_part(
