@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,23 @@ def digits_folder(tmp_path_factory, digits):
     write_image_folder(root / "train", digits.x_train[:300], digits.y_train[:300])
     write_image_folder(root / "test", digits.x_test, digits.y_test)
     return root
+
+
+def jeat_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """``python -m jeat.cli ARGS`` in ``cwd``, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "jeat.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def cli_fails(args, cwd: Path, *needles: str) -> None:
+    """The command fails with one ``jeat: error:`` line naming every needle, exit status 2, and
+    writes nothing anywhere below ``cwd``."""
+    before = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
+    r = jeat_cli(*args, cwd=cwd)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jeat: error:"), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*")) == before  # nothing written

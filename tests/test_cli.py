@@ -62,7 +62,11 @@ def test_train_eval_generate_pipeline(tmp_path):
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["eps"] == pytest.approx(8 / 255) and e["mode"] == "cascade"
     assert [a["attack"] for a in e["attacks"]] == [
-        "clean", "pgd5", "cw10", "pgd5-t:targets=2", "roa:steps=3"
+        "clean",
+        "pgd5",
+        "cw10",
+        "pgd5-t:targets=2",
+        "roa:steps=3",
     ]  # fmt: skip  (cascade: white-box attacks cheapest first, occlusion after them)
     assert e["attacks"][4]["threat"] == "patch 2x2"
     assert (tmp_path / "e.md").read_text().count("| pgd5 ") == 1

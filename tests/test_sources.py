@@ -4,14 +4,13 @@ TorchScript and torch.export files, input adapters, and the notebook API jeat.ev
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import cli_fails, jeat_cli, write_image_folder
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -77,12 +76,6 @@ NET_PY = textwrap.dedent(
         return "a string"
     """
 )
-
-
-def jeat_cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "jeat.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd
-    )
 
 
 def _rows(path):
@@ -247,18 +240,6 @@ def test_notebook_api_takes_tensors_or_a_dataloader(pgdat_model, digits):
         jeat.evaluate(pgdat_model, x, eps=0.2)
 
 
-def _fails(args, cwd, *needles):
-    before = sorted(p.name for p in cwd.iterdir())
-    r = jeat_cli(*args, cwd=cwd)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("jeat: error:"), r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    assert sorted(p.name for p in cwd.iterdir()) == before  # nothing written
-    assert not (cwd / "jeat-out").exists()
-
-
 def test_bad_model_sources_fail_cleanly(user, standard_run):
     torch.save(torch.nn.Linear(2, 2), user / "pickled.pt")
     torch.save({"junk.weight": torch.zeros(3)}, user / "wrong.pt")
@@ -266,25 +247,25 @@ def test_bad_model_sources_fail_cleanly(user, standard_run):
     big["1.head.2.weight"] = torch.zeros(43, 128)
     torch.save(big, user / "shape.pt")
     ev = ["eval", "--dataset", "digits", "--n", "5", "--attacks", "clean"]
-    _fails([*ev, "--model", "py:missing.py:make"], user, "missing.py", "does not exist")
-    _fails([*ev, "--model", "py:net.py:nope"], user, "nope is not defined")
-    _fails([*ev, "--model", "py:net.py:NOT_CALLABLE"], user, "not callable")
-    _fails([*ev, "--model", "py:net.py:not_a_module"], user, "not a torch.nn.Module")
-    _fails([*ev, "--model", "py:net.py:make", "--weights", "wrong.pt"], user, "junk.weight",
+    cli_fails([*ev, "--model", "py:missing.py:make"], user, "missing.py", "does not exist")
+    cli_fails([*ev, "--model", "py:net.py:nope"], user, "nope is not defined")
+    cli_fails([*ev, "--model", "py:net.py:NOT_CALLABLE"], user, "not callable")
+    cli_fails([*ev, "--model", "py:net.py:not_a_module"], user, "not a torch.nn.Module")
+    cli_fails([*ev, "--model", "py:net.py:make", "--weights", "wrong.pt"], user, "junk.weight",
            "missing in the file")  # fmt: skip
-    _fails([*ev, "--model", "py:net.py:make", "--weights", "shape.pt"], user,
+    cli_fails([*ev, "--model", "py:net.py:make", "--weights", "shape.pt"], user,
            "1.head.2.weight", "(43, 128)")  # fmt: skip
-    _fails([*ev, "--model", "pickled.pt"], user, "pickled model", "--trust-pickle")
-    _fails([*ev, "--model", "w.pt"], user, "state_dict")
+    cli_fails([*ev, "--model", "pickled.pt"], user, "pickled model", "--trust-pickle")
+    cli_fails([*ev, "--model", "w.pt"], user, "state_dict")
     # the factory takes num_classes: a 12-class network, which the 10-class weights do not fit
-    _fails([*ev, "--model", "py:net.py:make", "--weights", "w.pt", "--num-classes", "12"], user,
+    cli_fails([*ev, "--model", "py:net.py:make", "--weights", "w.pt", "--num-classes", "12"], user,
            "1.head.2.weight", "(10, 128) vs (12, 128)")  # fmt: skip
-    _fails(["eval", "--model", "py:net.py:make", "--weights", "w.pt"], user, "--dataset")
-    _fails([*ev, "--model", "py:net.py:make", "--normalize", "0.5;"], user, "--normalize")
+    cli_fails(["eval", "--model", "py:net.py:make", "--weights", "w.pt"], user, "--dataset")
+    cli_fails([*ev, "--model", "py:net.py:make", "--normalize", "0.5;"], user, "--normalize")
     # a 43-class network on 10-class digits
     (user / "net43.py").write_text("from net import make as m\ndef make():\n    return m(43)\n")
-    _fails([*ev, "--model", "py:net43.py:make"], user, "43 logits", "10 classes")
-    _fails([*ev, "--model", "py:net43.py:make", "--num-classes", "12"], user, "43 logits",
+    cli_fails([*ev, "--model", "py:net43.py:make"], user, "43 logits", "10 classes")
+    cli_fails([*ev, "--model", "py:net43.py:make", "--num-classes", "12"], user, "43 logits",
            "--num-classes is 12")  # fmt: skip
     # trusted, the pickled model loads (then fails the width check for its 2 outputs on digits)
-    _fails([*ev, "--model", "pickled.pt", "--trust-pickle"], user, "fails on inputs")
+    cli_fails([*ev, "--model", "pickled.pt", "--trust-pickle"], user, "fails on inputs")

@@ -4,23 +4,15 @@ to end through the CLI, and every bad input as one clear line with nothing writt
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import cli_fails, jeat_cli, write_image_folder
 from PIL import Image
 
 from jeat.data import load_dataset
 from jeat.errors import JeatError
-
-
-def jeat_cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "jeat.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd
-    )
 
 
 def _uint8(x: torch.Tensor) -> np.ndarray:
@@ -132,52 +124,41 @@ def test_a_model_trains_and_evaluates_on_user_images(tmp_path, digits, kind):
     assert clean > 60 and fgsm < clean  # it learned, and the attack is real
 
 
-def _fails(args, cwd, *needles):
-    before = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
-    r = jeat_cli(*args, cwd=cwd)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("jeat: error:"), r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    assert sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*")) == before  # nothing written
-
-
 def test_bad_user_data_fails_cleanly(tmp_path):
     def img(path, size=8, mode="L"):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.new(mode, (size, size), 128).save(path)
 
     train = ["train", "--epochs", "1", "--quiet", "--out", "run", "--dataset"]
-    _fails([*train, "folder:nowhere"], tmp_path, "nowhere", "does not exist")
+    cli_fails([*train, "folder:nowhere"], tmp_path, "nowhere", "does not exist")
     (tmp_path / "empty").mkdir()
-    _fails([*train, "folder:empty"], tmp_path, "no class subfolders")
+    cli_fails([*train, "folder:empty"], tmp_path, "no class subfolders")
     img(tmp_path / "one" / "cat" / "0.png")
-    _fails([*train, "folder:one"], tmp_path, "only one class (cat)")
+    cli_fails([*train, "folder:one"], tmp_path, "only one class (cat)")
     for i in range(3):
         img(tmp_path / "bad" / "a" / f"{i}.png")
         img(tmp_path / "bad" / "b" / f"{i}.png")
     (tmp_path / "bad" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    _fails([*train, "folder:bad"], tmp_path, "broken.png", "cannot read image")
+    cli_fails([*train, "folder:bad"], tmp_path, "broken.png", "cannot read image")
     for i in range(3):
         img(tmp_path / "mixed" / "a" / f"{i}.png", 8)
         img(tmp_path / "mixed" / "b" / f"{i}.png", 9)
-    _fails([*train, "folder:mixed"], tmp_path, "differ in size", "--image-size")
+    cli_fails([*train, "folder:mixed"], tmp_path, "differ in size", "--image-size")
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (20, 8, 8), dtype=np.uint8)
     y = np.arange(20) % 2
     np.savez(tmp_path / "nokey.npz", images=x, y=y)
-    _fails([*train, "npz:nokey.npz"], tmp_path, "no x array")
+    cli_fails([*train, "npz:nokey.npz"], tmp_path, "no x array")
     np.savez(tmp_path / "range.npz", x=x, y=y, x_test=x[:4], y_test=np.array([0, 1, 2, 5]))
-    _fails([*train, "npz:range.npz"], tmp_path, "y_test", "label 5", "out of range")
+    cli_fails([*train, "npz:range.npz"], tmp_path, "y_test", "label 5", "out of range")
     np.savez(tmp_path / "neg.npz", x=x, y=y - 1)
-    _fails([*train, "npz:neg.npz"], tmp_path, "label -1", "out of range")
+    cli_fails([*train, "npz:neg.npz"], tmp_path, "label -1", "out of range")
     xf = x.astype(np.float32) / 255
     xf[3, 2, 2] = np.nan
     np.savez(tmp_path / "nan.npz", x=xf, y=y)
-    _fails([*train, "npz:nan.npz"], tmp_path, "NaN")
+    cli_fails([*train, "npz:nan.npz"], tmp_path, "NaN")
     np.savez(tmp_path / "big.npz", x=x.astype(np.float32), y=y)
-    _fails([*train, "npz:big.npz"], tmp_path, "outside [0, 1]", "max 255")
+    cli_fails([*train, "npz:big.npz"], tmp_path, "outside [0, 1]", "max 255")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    _fails([*train, "npz:junk.npz"], tmp_path, "junk.npz", "cannot read")
-    _fails([*train, "digits", "--image-size", "16"], tmp_path, "--image-size", "digits")
+    cli_fails([*train, "npz:junk.npz"], tmp_path, "junk.npz", "cannot read")
+    cli_fails([*train, "digits", "--image-size", "16"], tmp_path, "--image-size", "digits")
