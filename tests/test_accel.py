@@ -75,7 +75,9 @@ def test_the_spy_sees_the_syncs_it_looks_for():
         ("PGD L-inf, last iterate", lambda m, x, y: PGD(LinfBall(0.2), 5)(m, x, y, check=False)),
         (
             "PGD L2, first success kept",
-            lambda m, x, y: PGD(L2Ball(1.0), 5, keep_success=True)(m, x, y, check=False),
+            lambda m, x, y: PGD(L2Ball(1.0), 5, keep_success=True, active_set=False)(
+                m, x, y, check=False
+            ),
         ),
         ("SGLD on E(x)", lambda m, x, y: SGLD(5)(m, x)),
         ("SGLD on E(x, y)", lambda m, x, y: SGLD(5)(m, x, y)),
@@ -88,6 +90,18 @@ def test_attack_and_sampler_loops_never_wait_for_the_device(name, run):
         out = run(model, x, y)
     assert out.shape == x.shape
     assert spy.calls == [], f"{name} synchronises: {spy.calls}"
+
+
+def test_the_active_set_waits_only_at_its_compactions():
+    """Evaluation PGD's active set reads the host once per compaction (a few reads at most),
+    never once per step: 20 steps compacted every 5 are 4 compactions."""
+    model, x, y = _net(), torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    attack = PGD(L2Ball(1.0), 20, keep_success=True, compact_every=5)
+    assert attack.uses_active_set
+    with SyncSpy() as spy:
+        out = attack(model, x, y, check=False)
+    assert out.shape == x.shape
+    assert 0 < len(spy.calls) <= 2 * (20 // 5), spy.calls
 
 
 class BackwardSpy(TorchDispatchMode):
