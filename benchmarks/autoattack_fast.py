@@ -121,8 +121,9 @@ def compare(entry: dict[str, Any]) -> None:
 def table(results: dict[str, Any]) -> str:
     lines = [
         "| model | ε | points | clean % | fast % | full % | fast − full (points) | "
-        "broken by full only | broken by fast only | fast s | full s | full / fast time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "broken by full only | broken by fast only | fast s | full s | full / fast time | "
+        "full, after each stage (APGD-CE / APGD-T / FAB-T / Square) % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in results["models"].items():
         fast, full = e["cells"].get("fast"), e["cells"].get("full")
@@ -133,7 +134,9 @@ def table(results: dict[str, Any]) -> str:
             f"{fast['robust_accuracy']:.1f} | {full['robust_accuracy']:.1f} | "
             f"{e['fast_minus_full']:+.1f} | {e['broken_by_full_only']} | "
             f"{e['broken_by_fast_only']} | {fast['seconds']:.0f} | {full['seconds']:.0f} | "
-            f"{e['time_ratio_full_over_fast']:.1f} |"
+            f"{e['time_ratio_full_over_fast']:.1f} | "
+            + " / ".join(f"{r['accuracy']:.1f}" for r in full["rows"][1:])
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
