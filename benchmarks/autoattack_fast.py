@@ -24,18 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import train_or_reuse
 
 from jeat.attacks import LinfBall
 from jeat.config import load_config
 from jeat.data import load_dataset
 from jeat.evaluate import evaluate
-from jeat.finish import train_and_finish
 from jeat.runs import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,18 +65,10 @@ def per_dataset(values: list[str], cast: type) -> dict[str, Any]:
     return out
 
 
-def train_or_reuse(name: str, overrides: list[str], folder: Path, data: Any) -> dict[str, Any]:
-    """Train (or resume, or reuse) one run; returns what the results record about it."""
-    if (folder / "model.pt").exists():
-        print(f"  reusing {folder}", flush=True)
-    else:
-        resume = (folder / "checkpoints" / "last.pt").exists()
-        if folder.exists() and not resume:
-            shutil.rmtree(folder)
-        cfg = load_config(name, overrides)
-        t0 = time.perf_counter()
-        train_and_finish(cfg, folder, resume=resume, data=data)
-        print(f"  trained {name} in {time.perf_counter() - t0:.0f}s", flush=True)
+def trained(name: str, overrides: list[str], folder: Path, data: Any) -> dict[str, Any]:
+    """Train (or resume, or reuse) one run (:func:`common.train_or_reuse`); returns what the
+    results record about it."""
+    train_or_reuse(load_config(name, overrides), folder, data)
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     return {
@@ -201,7 +192,7 @@ def main() -> None:
                 print(f"{name}: settings changed, measuring again", flush=True)
                 entry = results["models"][name] = {"cells": {}}
             print(f"{name}: {n} points, eps {eps:.4g}", flush=True)
-            entry.update(train_or_reuse(name, overrides, Path(args.work) / name, data))
+            entry.update(trained(name, overrides, Path(args.work) / name, data))
             entry.update(n=n, eps=eps, dataset=data_name, overrides=overrides)
             model = load_trained(Path(args.work) / name)[0].eval()
             for key in [s.strip() for s in args.cells.split(",") if s.strip()]:
