@@ -98,8 +98,9 @@ def user(tmp_path, standard_run):
 
 def test_factory_with_weights_gives_the_runs_table(user, standard_run, digits_folder):
     data = f"folder:{digits_folder}"
+    # the budget is named: the run's config says 0.2, a user's folder defaults to 8/255
     common = ["--dataset", data, "--attacks", "clean,fgsm,pgd20", "--n", "80", "--seed", "3",
-              "--quiet"]  # fmt: skip
+              "--eps", "0.2", "--quiet"]  # fmt: skip
     r = jeat_cli("eval", standard_run, *common, "--out", user / "run.json")
     assert r.returncode == 0, r.stderr
     for weights in ("w.pt", "w.safetensors"):
