@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jeat.config import config_to_dict, load_config
 from jeat.data import ImageDataset, dataset_slug, list_datasets, load_dataset
@@ -18,6 +19,13 @@ from jeat.errors import JeatError
 from jeat.models import list_models
 from jeat.objectives import list_objectives
 from jeat.userdata import parse_source
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from jeat.attacks import ThreatModel
+    from jeat.config import TrainConfig
+    from jeat.evaluate import EvalContext, EvalResult
 
 __all__ = ["main", "build_parser"]
 
@@ -236,17 +244,26 @@ def _out_base(args: argparse.Namespace, default_name: str) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from jeat.diagnose import INDICATORS, REMEDIES, parse_names
     from jeat.distributed import setup, teardown
     from jeat.finish import final_evaluation
     from jeat.sanity import CURVE_FACTORS, robustness_curve, sanity_checks, write_curve
     from jeat.utils import atomic_write, derive_seed, write_json
 
+    if args.fix and not args.diagnose:
+        raise JeatError("--fix runs the remedies of a diagnosis: add --diagnose")
+    if args.indicators and not args.diagnose:
+        raise JeatError("--indicators chooses what --diagnose computes: add --diagnose")
+    if args.remedies and not args.fix:
+        raise JeatError("--remedies chooses what --fix runs: add --fix")
+    indicators = parse_names(args.indicators, INDICATORS, "indicator") if args.diagnose else None
+    remedies = parse_names(args.remedies, REMEDIES, "remedy") if args.remedies else None
     shards = None
     if from_env().enabled:  # under torchrun: shard the test points across the processes
-        if args.sanity or args.curve:
+        if args.sanity or args.curve or args.diagnose:
             raise JeatError(
-                "--sanity and --curve run on one process; drop them under torchrun (run them "
-                "with a plain jeat eval)"
+                "--sanity, --curve and --diagnose run on one process; drop them under torchrun "
+                "(run them with a plain jeat eval)"
             )
         shards, device = setup(args.device)
         args.device = str(device)
@@ -256,8 +273,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed = args.seed if args.seed is not None else derive_seed(cfg.seed, 11)
         attacks = _csv(args.attacks) if args.attacks else None
         result = final_evaluation(
-            cfg, model, data, attacks, args.mode, context, not args.quiet, seed, shards, args.order
-        )
+            cfg, model, data, attacks, args.mode, context, not args.quiet, seed, shards,
+            args.order, trace=bool(args.diagnose or args.per_point),
+        )  # fmt: skip
     finally:
         if shards is not None:
             teardown(shards)
@@ -290,6 +308,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.sanity:
         for w in report.warnings:
             print(f"warning: {w}")
+    extra_md = ""
+    if args.diagnose:
+        extra_md = _diagnose_and_fix(
+            args, model, x, y, result, threat, cfg, seed, context, indicators, remedies, payload
+        )
     if args.curve:
         eps_values = (
             [float(_eps(t)) for t in _csv(args.curve_eps)]
@@ -326,6 +349,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
             + "\n"
         )
+    text += extra_md
     with atomic_write(md, "w") as fh:
         fh.write(text)
     with atomic_write(csv_path, "w") as fh:
@@ -337,6 +361,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for path in [out, md, csv_path, *written]:
         print(f"wrote {path}")
     return 0
+
+
+def _diagnose_and_fix(
+    args: argparse.Namespace,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    result: EvalResult,
+    threat: ThreatModel,
+    cfg: TrainConfig,
+    seed: int,
+    context: EvalContext,
+    indicators: list[str] | None,
+    remedies: list[str] | None,
+    payload: dict,
+) -> str:
+    """``jeat eval --diagnose [--fix]``: print the diagnosis (and the remedied table), add them
+    to the JSON payload; return their Markdown."""
+    from jeat.diagnose import INDICATORS, diagnose, fix
+
+    attacks = [r.group for r in result.rows if r.group and r.category != "clean"]
+    attacks = list(dict.fromkeys(["clean", *attacks]))
+    common = {"batch_size": cfg.eval.batch_size, "seed": seed, "mode": result.mode,
+              "context": context, "progress": not args.quiet}  # fmt: skip
+    _, dg = diagnose(model, x, y, attacks, threat, indicators=indicators, result=result, **common)
+    print(dg.table())
+    payload["diagnosis"] = dg.to_dict()
+    md = "\nDiagnosis of the attacks:\n\n" + dg.markdown()
+    if not args.fix:
+        return md
+    fixed, extra = fix(model, x, y, attacks, threat, dg, result, remedies=remedies, **common)
+    if not extra:
+        print("--fix: no indicator was raised, so there is no remedy to run")
+        payload["fix"] = {"attacks": [], "robust_accuracy": result.robust_accuracy}
+        return md + "\nNo indicator was raised: no remedy to run.\n"
+    point = [i for i, ind in INDICATORS.items() if ind.scope == "point" and i != "bad-init"]
+    _, after = diagnose(model, x, y, attacks, threat, indicators=point, result=fixed, **common)
+    after.rows = [r for r in after.rows if r.attack.split("/")[0] in extra]
+    print(f"after the remedies (added: {', '.join(extra)}):")
+    print(fixed.table())
+    print(after.table())
+    payload["fix"] = {
+        "attacks": extra,
+        "robust_accuracy": fixed.robust_accuracy,
+        "table": fixed.to_dict(),
+        "diagnosis": after.to_dict(),
+    }
+    return (
+        md
+        + f"\nAfter the remedies (added: {', '.join(f'`{e}`' for e in extra)}):\n\n"
+        + fixed.markdown()
+        + "\n"
+        + after.markdown()
+    )
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -747,7 +825,25 @@ def build_parser() -> argparse.ArgumentParser:
                 "--per-point",
                 metavar="CSV",
                 help="also write one row per test point: its label, the first attack that "
-                "broke it, and every attack's outcome",
+                "broke it, every attack's outcome and its loss trace summary",
+            )
+            s.add_argument(
+                "--diagnose",
+                action="store_true",
+                help="say why attacks failed: indicators of attack failure read from each "
+                "point's loss trace, and AutoAttack's checks, each with its remedy",
+            )
+            s.add_argument(
+                "--indicators", metavar="LIST", help="comma list of indicators (default: all)"
+            )
+            s.add_argument(
+                "--fix",
+                action="store_true",
+                help="with --diagnose: run the remedies of the raised indicators and print the "
+                "table again",
+            )
+            s.add_argument(
+                "--remedies", metavar="LIST", help="with --fix: run these remedies instead"
             )
             s.add_argument("--sanity", action="store_true", help="run the gradient-masking checks")
             s.add_argument("--sanity-attack", default="pgd20")

@@ -58,6 +58,7 @@ from jeat.energy import check_labels
 from jeat.errors import JeatError
 
 if TYPE_CHECKING:
+    from jeat.attacks.trace import LossTrace
     from jeat.distributed import DistContext
 
 __all__ = [
@@ -143,7 +144,9 @@ _COMMON = {"eps": None, "norm": None}
 _OPTIONS: dict[str, dict[str, Any]] = {
     "clean": {},
     # bpda=1: differentiate k-WTA layers as ReLUs (the adaptive attack on k-WTA)
-    "fgsm": {"loss": "ce", "bpda": 0},
+    # eot=K: average K forward-backward passes per step (randomised models);
+    # log_outputs=1: attack the log of the outputs (a model that returns probabilities)
+    "fgsm": {"loss": "ce", "bpda": 0, "eot": 1, "log_outputs": 0},
     # active=0: every step and restart on the whole batch (default 1: drop fooled points)
     "pgd": {
         "step_size": None,
@@ -152,6 +155,8 @@ _OPTIONS: dict[str, dict[str, Any]] = {
         "targets": 9,
         "bpda": 0,
         "active": 1,
+        "eot": 1,
+        "log_outputs": 0,
     },
     "square": {"n_queries": 5000, "p_init": 0.8, "restarts": 1},
     "autoattack": {"version": "standard", "n_queries": None, "components": None},
@@ -175,7 +180,8 @@ _OPTIONS["sgm"] = {**_OPTIONS["transfer"], "gamma": 0.5}
 _DESCRIPTIONS = {
     "clean": "no attack (clean accuracy)",
     "fgsm": "fast gradient sign method, one step of size eps",
-    "pgdN": "N-step PGD on the cross-entropy E(x,y)-E(x), step eps/4, random start (N=20)",
+    "pgdN": "N-step PGD on the cross-entropy E(x,y)-E(x), step eps/4, random start (N=20); "
+    "eot=K averages K passes per step (randomised models)",
     "cwN": "N-step PGD on the Carlini-Wagner margin (N=30)",
     "dlrN": "N-step PGD on the difference-of-logits-ratio loss (N=100)",
     "pgdN-t / cwN-t / dlrN-t": "targeted versions, run toward the `targets` likeliest classes",
@@ -290,6 +296,8 @@ def build_attack(spec: AttackSpec, threat: ThreatModel, context: EvalContext) ->
     th = _threat(spec, threat)
     if spec.kind == "fgsm":
         fgsm = FGSM(th, loss=str(o["loss"]))
+        fgsm.eot = _number(o, "eot", label, 1, integer=True)
+        fgsm.log_outputs = _switch(o, "log_outputs", label)
         family = f"{fgsm.loss}-bpda" if o["bpda"] else fgsm.loss
         stage = BPDA(fgsm) if o["bpda"] else fgsm
         return BuiltAttack(spec, th, [(label, stage, "white-box")], steps=1, loss=family)
@@ -304,6 +312,8 @@ def build_attack(spec: AttackSpec, threat: ThreatModel, context: EvalContext) ->
             restarts=_number(o, "restarts", label, 1, integer=True),
             keep_success=True,
             active_set=_switch(o, "active", label),
+            eot=_number(o, "eot", label, 1, integer=True),
+            log_outputs=_switch(o, "log_outputs", label),
         )
         attack: Callable[..., Tensor] = pgd
         if spec.targeted:
@@ -425,6 +435,10 @@ class EvalResult:
     # per point and stage: 1 survived, 0 broken, -1 not attacked (cascade: broken earlier)
     outcomes: dict[str, Tensor] = field(default_factory=dict, repr=False)
     labels: Tensor | None = field(default=None, repr=False)
+    # per traced stage: the loss traces of its gradient attack (``evaluate(trace=True)``)
+    traces: dict[str, LossTrace] = field(default_factory=dict, repr=False)
+    specs: dict[str, AttackSpec] = field(default_factory=dict, repr=False)  # per stage
+    point_notes: list[str] = field(default_factory=list, repr=False)  # per point (diagnosis)
 
     def broken_by(self) -> list[str]:
         """Per point, the first row (table order) that misclassified it; "" when robust."""
@@ -438,18 +452,38 @@ class EvalResult:
 
     def per_point_csv(self) -> str:
         """One row per point: index, label, the first row that broke it, whether it survived
-        everything, then each row's outcome (1 survived, 0 broken, empty: not attacked)."""
+        everything, then each row's outcome (1 survived, 0 broken, empty: not attacked).
+
+        With loss traces (``evaluate(trace=True)``), each traced row adds its loss trace
+        summary: the loss at the first and last iterate and its maximum (of the run that
+        reached the highest final loss), and the first step at which an iterate fooled the
+        model (empty: none did). With a diagnosis, ``indicators`` lists what each point
+        raised (``row=indicator;...``)."""
         buf = io.StringIO()
         names = list(self.outcomes)
+        traced = [k for k in names if k in self.traces]
+        summaries = {k: [t.tolist() for t in self.traces[k].summary()] for k in traced}
+        parts = ("loss_first", "loss_last", "loss_max", "fooled_at")
+        trace_head = [f"{k}:{part}" for k in traced for part in parts]
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["index", "label", "broken_by", "robust", *names])
+        extra = ["indicators"] if self.point_notes else []
+        writer.writerow(["index", "label", "broken_by", "robust", *names, *trace_head, *extra])
         broken = self.broken_by()
         labels = self.labels.tolist() if self.labels is not None else [""] * self.n
         robust = self.robust.tolist() if self.robust is not None else [""] * self.n
         cols = [self.outcomes[k].tolist() for k in names]
         for i in range(self.n):
             cells = ["" if c[i] < 0 else str(c[i]) for c in cols]
-            writer.writerow([i, labels[i], broken[i], int(robust[i]), *cells])
+            for k in traced:
+                attacked = self.outcomes[k][i] >= 0
+                first, last, top, at = (v[i] for v in summaries[k])
+                cells += (
+                    [_num(first), _num(last), _num(top), "" if at < 0 else str(at)]
+                    if attacked
+                    else ["", "", "", ""]
+                )
+            notes = [self.point_notes[i]] if self.point_notes else []
+            writer.writerow([i, labels[i], broken[i], int(robust[i]), *cells, *notes])
         return buf.getvalue()
 
     @property
@@ -530,6 +564,10 @@ class EvalResult:
         return buf.getvalue()
 
 
+def _num(v: float) -> str:
+    return "" if math.isnan(v) else f"{v:.4g}"
+
+
 @torch.no_grad()
 def _predict(model: nn.Module, x: Tensor) -> Tensor:
     return logits_of(model, x).argmax(1)
@@ -589,10 +627,16 @@ def _run_stage(
     device: torch.device,
     progress: bool,
     shards: DistContext | None = None,
+    trace: LossTrace | None = None,
 ) -> Tensor:
     """Attack the points ``idx``; return which of them stay correctly classified. With
     ``shards`` (a torchrun job), each process attacks every ``world_size``-th batch and the
-    results are gathered, so every process returns the one-process answer."""
+    results are gathered, so every process returns the one-process answer. ``trace`` (set as
+    the recorder of the stage's gradient attack) receives each batch's loss traces.
+
+    Each batch runs with the global random generators seeded from its position too (and
+    restored afterwards), so a randomised model (noise injection, random purification) gives
+    the same table on every run."""
     from tqdm.auto import tqdm
 
     rank, world = (shards.rank, shards.world_size) if shards is not None else (0, 1)
@@ -601,16 +645,27 @@ def _run_stage(
     starts = list(range(0, len(idx), batch_size))[rank::world]
     mine = sum(min(batch_size, len(idx) - i) for i in starts)
     bar = tqdm(total=mine, desc=name, unit="pt", leave=False, disable=not progress or rank != 0)
+    forked = [device] if torch.device(device).type == "cuda" else []
     with bar:
         for i in starts:
             sel = idx[i : i + batch_size]
             xb, yb = x[sel].to(device), y[sel].to(device)
-            generator.manual_seed(_stage_seed(seed, name, i))
+            stage_seed = _stage_seed(seed, name, i)
+            generator.manual_seed(stage_seed)
+            if trace is not None:
+                trace.begin_batch(sel, device)
             # no autograd graph outside the attacks' own gradient steps (they enable it)
-            with model_mode(model, True), torch.no_grad():
+            with (
+                torch.random.fork_rng(devices=forked),
+                model_mode(model, True),
+                torch.no_grad(),
+            ):
+                torch.manual_seed(stage_seed)
                 x_adv = attack(model, xb, yb, generator=generator, check=False)
                 _check_output(name, threat, x_adv, xb)
                 ok[i : i + batch_size] = (_predict(model, x_adv) == yb).cpu()
+            if trace is not None:
+                trace.end_batch()
             bar.update(len(sel))
     if world > 1:
         assert shards is not None
@@ -618,7 +673,27 @@ def _run_stage(
         for part in parts:
             for i, chunk in part:
                 ok[i : i + len(chunk)] = chunk
+        if trace is not None:
+            rows = idx[[j for i in starts for j in range(i, min(i + batch_size, len(idx)))]]
+            mine_trace = (rows, trace.loss[rows], trace.grad[rows], trace.first_fooled[rows])
+            for rows, loss, grad, first in shards.all_gather(mine_trace):
+                trace.loss[rows], trace.grad[rows], trace.first_fooled[rows] = loss, grad, first
     return ok
+
+
+def traced_core(attack: Callable[..., Tensor]) -> tuple[PGD, int] | None:
+    """The gradient attack (PGD) inside a stage, and how many runs it makes per point
+    (restarts × target classes); None for attacks that record no loss trace."""
+    from jeat.attacks.transfer import Transfer
+
+    runs = 1
+    while isinstance(attack, (BPDA, MultiTargeted, Transfer)):
+        if isinstance(attack, MultiTargeted):
+            runs *= attack.n_targets
+        attack = attack.attack
+    if isinstance(attack, PGD):
+        return attack, runs * attack.restarts
+    return None
 
 
 def evaluate(
@@ -636,6 +711,7 @@ def evaluate(
     sanity_tolerance: float = 3.0,
     shards: DistContext | None = None,
     order: str = "cost",
+    trace: bool = False,
 ) -> EvalResult:
     """Robust accuracy of ``model`` under each attack on the same points, and the worst case.
 
@@ -653,6 +729,10 @@ def evaluate(
     ``shards`` (a :class:`jeat.distributed.DistContext` of a torchrun job) splits every stage's
     batches across the processes and gathers the per-point results: each process returns the
     table, per point, that one process computes (batches are seeded by their position).
+
+    ``trace=True`` records the per-point loss trace of every gradient attack (PGD family,
+    FGSM, their targeted, BPDA and transfer forms) into ``result.traces``: what
+    :mod:`jeat.diagnose` reads.
     """
     if mode not in ("cascade", "independent"):
         raise JeatError(f"unknown evaluation mode '{mode}'; use cascade or independent")
@@ -696,6 +776,7 @@ def evaluate(
         )
     ]
     robust = clean_ok.clone()
+    traces: dict[str, LossTrace] = {}
     for b in built:
         threat_text = b.threat.describe() if b.threat is not None else _describe_stage(b)
         group_ok = clean_ok.clone()
@@ -704,11 +785,23 @@ def evaluate(
         for name, attack, category in b.stages:
             base = robust if mode == "cascade" else group_ok
             idx = base.nonzero().squeeze(1)
+            core = traced_core(attack) if trace else None
+            recorder = None
+            if core is not None:
+                from jeat.attacks.trace import LossTrace
+
+                recorder = LossTrace(n, core[1], core[0].steps)
+                core[0].recorder = recorder
+                traces[name] = recorder
             t0 = time.perf_counter()
-            ok = _run_stage(
-                model, name, attack, b.threat, x, y, idx, batch_size, seed, device, progress,
-                shards,
-            )  # fmt: skip
+            try:
+                ok = _run_stage(
+                    model, name, attack, b.threat, x, y, idx, batch_size, seed, device, progress,
+                    shards, recorder,
+                )  # fmt: skip
+            finally:
+                if core is not None:
+                    core[0].recorder = None
             secs = time.perf_counter() - t0
             outcome = torch.full((n,), -1, dtype=torch.int8)
             outcome[idx] = ok.to(torch.int8)
@@ -741,6 +834,8 @@ def evaluate(
         robust=robust,
         outcomes=outcomes,
         labels=y.cpu(),
+        traces=traces,
+        specs={name: b.spec for b in built for name, _, _ in b.stages},
     )
     result.warnings = table_warnings(result, built, sanity_tolerance)
     return result

@@ -108,11 +108,12 @@ def final_evaluation(
     seed: int | None = None,
     shards: distributed.DistContext | None = None,
     order: str = "cost",
+    trace: bool = False,
 ) -> EvalResult:
     """The robustness table on the first ``eval.n`` test points (``eval.mode`` unless given;
     attack seeds from the run's seed unless ``seed`` is given); ``shards`` splits it across
-    the processes of a torchrun job and ``order`` is the cascade's attack order (see
-    :func:`jeat.evaluate.evaluate`)."""
+    the processes of a torchrun job, ``order`` is the cascade's attack order and ``trace``
+    records the loss traces (see :func:`jeat.evaluate.evaluate`)."""
     n = len(data.x_test) if cfg.eval.n is None else min(cfg.eval.n, len(data.x_test))
     return evaluate(
         model,
@@ -128,6 +129,7 @@ def final_evaluation(
         progress=progress,
         shards=shards,
         order=order,
+        trace=trace,
     )
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -95,6 +96,17 @@ class PGD:
     trajectory as in the full batch. It needs a model that treats examples independently (eval
     mode: ``eval_mode=True``) and a threat without per-example state; otherwise, and with
     ``active_set=False``, every step and restart runs on the whole batch.
+
+    ``eot > 1`` (expectation over transformation, Athalye et al. 2018) averages the loss, the
+    logits and the input gradient of ``eot`` forward-backward passes at every step: the attack
+    on a randomised model (noise injection, random purification). The success test of an
+    iterate then uses the averaged logits. ``log_outputs=True`` attacks the logarithm of the
+    model's outputs: the attack on a model that returns probabilities instead of logits.
+
+    A model whose outputs do not depend on the input through autograd (a detached
+    preprocessing step) gives a zero gradient, not an error: the step does nothing, and the
+    trace shows it. ``recorder`` (a :class:`jeat.attacks.trace.LossTrace`) receives the
+    per-point loss, gradient size and first success of every iterate.
     """
 
     threat: ThreatModel
@@ -107,10 +119,15 @@ class PGD:
     keep_success: bool = False
     active_set: bool = True
     compact_every: int | None = None
+    eot: int = 1
+    log_outputs: bool = False
+    recorder: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_int(self.steps, "attack steps")
         _check_int(self.restarts, "attack restarts")
+        if isinstance(self.eot, bool) or not isinstance(self.eot, int) or self.eot < 1:
+            raise JeatError(f"EOT samples must be an integer >= 1, got {self.eot!r}")
         if not isinstance(self.active_set, bool):
             raise JeatError(f"active_set must be True or False, got {self.active_set!r}")
         if self.compact_every is not None:
@@ -163,17 +180,64 @@ class PGD:
                 return self._run_active(model, x, y, target, loss_fn, generator)
             best = x.clone()
             fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            for _ in range(self.restarts):
-                x_adv = self._run(model, x, y, target, loss_fn, generator)
+            for restart in range(self.restarts):
+                x_adv = self._run(model, x, y, target, loss_fn, generator, restart)
                 if self.restarts == 1:
                     return x_adv
                 with torch.no_grad():
-                    pred = logits_of(model, x_adv).argmax(1)
+                    pred = self._final(model, x_adv, y, target, loss_fn).argmax(1)
                     now = pred == target if target is not None else pred != y
                     take = ~fooled
                     best[take] = x_adv[take]
                     fooled |= now
         return best
+
+    def _outputs(self, model: nn.Module, x: Tensor) -> Tensor:
+        out = logits_of(model, x)
+        return out.clamp_min(1e-30).log() if self.log_outputs else out
+
+    def _gradient(
+        self,
+        model: nn.Module,
+        x_adv: Tensor,
+        y: Tensor,
+        target: Tensor | None,
+        loss_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits, per-example loss and input gradient at ``x_adv`` (each the mean over the
+        ``eot`` passes); a model whose outputs ignore the input's graph gives a zero gradient."""
+        sums: list[Tensor] = []
+        for _ in range(self.eot):
+            # A no-op after the first step when the threat updates the leaf in place.
+            x_adv.requires_grad_(True)
+            logits = self._outputs(model, x_adv)
+            loss = loss_fn(logits, y, target)
+            grad = None
+            if loss.requires_grad:
+                (grad,) = torch.autograd.grad(loss.sum(), x_adv, allow_unused=True)
+            if grad is None:
+                grad = torch.zeros_like(x_adv)
+            if self.eot == 1:
+                return logits, loss.detach(), grad
+            parts = [logits.detach(), loss.detach(), grad]
+            sums = parts if not sums else [a + b for a, b in zip(sums, parts, strict=True)]
+        logits, loss, grad = (t / self.eot for t in sums)
+        return logits, loss, grad
+
+    @torch.no_grad()
+    def _final(
+        self,
+        model: nn.Module,
+        x_adv: Tensor,
+        y: Tensor,
+        target: Tensor | None,
+        loss_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    ) -> Tensor:
+        """The logits of the last iterate (averaged over ``eot`` passes), for its success test."""
+        logits = self._outputs(model, x_adv)
+        for _ in range(self.eot - 1):
+            logits = logits + self._outputs(model, x_adv)
+        return logits / self.eot if self.eot > 1 else logits
 
     def _run(
         self,
@@ -183,29 +247,35 @@ class PGD:
         target: Tensor | None,
         loss_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor],
         generator: torch.Generator | None,
+        restart: int = 0,
     ) -> Tensor:
         threat = self.threat
+        rec = self.recorder
         x_adv = threat.random_init(x, generator) if self.random_start else x.clone()
         bounds = threat.bounds(x)
         keep = self.keep_success
         if keep:
             found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             best = x.clone()
-        for _ in range(self.steps):
-            # A no-op after the first step when the threat updates the leaf in place.
-            x_adv.requires_grad_(True)
-            logits = logits_of(model, x_adv)
-            loss = loss_fn(logits, y, target).sum()
-            (grad,) = torch.autograd.grad(loss, x_adv)
+        for step in range(self.steps):
+            logits, loss, grad = self._gradient(model, x_adv, y, target, loss_fn)
             with torch.no_grad():
                 if keep:
                     self._record(logits, y, target, x_adv, found, best)
+                if rec is not None:
+                    rec.record(restart, step, None, loss, grad, _fooled(logits, y, target))
                 x_adv = threat.advance(x_adv, grad, self.step_size, x, bounds)
         x_adv = x_adv.detach()
-        if not keep:
+        if not keep and rec is None:
             return x_adv
         with torch.no_grad():
-            self._record(logits_of(model, x_adv), y, target, x_adv, found, best)
+            logits = self._final(model, x_adv, y, target, loss_fn)
+            if rec is not None:
+                fooled = _fooled(logits, y, target)
+                rec.record(restart, self.steps, None, loss_fn(logits, y, target), None, fooled)
+            if not keep:
+                return x_adv
+            self._record(logits, y, target, x_adv, found, best)
             return torch.where(found.view(-1, *([1] * (x.dim() - 1))), best, x_adv)
 
     def _run_active(
@@ -220,6 +290,7 @@ class PGD:
         """Every restart on the points not yet fooled, each point leaving the working batch
         at the first iterate that fools the model (written into the output at its index)."""
         threat = self.threat
+        rec = self.recorder
         n = x.shape[0]
         every = self.compact_every or (1 if x.device.type == "cpu" else 5)
         out = x.clone()
@@ -238,12 +309,11 @@ class PGD:
             found = torch.zeros(pos.numel(), dtype=torch.bool, device=x.device)
             best = torch.empty_like(x_adv)
             for step in range(self.steps):
-                x_adv.requires_grad_(True)
-                logits = logits_of(model, x_adv)
-                loss = loss_fn(logits, ys, ts).sum()
-                (grad,) = torch.autograd.grad(loss, x_adv)
+                logits, loss, grad = self._gradient(model, x_adv, ys, ts, loss_fn)
                 with torch.no_grad():
                     x_adv = x_adv.detach()
+                    if rec is not None:
+                        rec.record(restart, step, pos, loss, grad, _fooled(logits, ys, ts))
                     if every == 1:  # compact now: the fooled rows' answer is this iterate
                         found, best = _fooled(logits, ys, ts), x_adv
                     else:  # remember first successes on the device until the next compaction
@@ -272,7 +342,11 @@ class PGD:
                 best = torch.empty_like(x_adv)
             with torch.no_grad():
                 # the last iterate: its own success test, then compact for the next restart
-                self._record(logits_of(model, x_adv), ys, ts, x_adv, found, best)
+                logits = self._final(model, x_adv, ys, ts, loss_fn)
+                if rec is not None:
+                    fooled = _fooled(logits, ys, ts)
+                    rec.record(restart, self.steps, pos, loss_fn(logits, ys, ts), None, fooled)
+                self._record(logits, ys, ts, x_adv, found, best)
                 out[pos] = torch.where(found.view(-1, *([1] * (x.dim() - 1))), best, x_adv)
                 if restart + 1 < self.restarts:
                     pos = pos[~found]  # a compaction (one host read) before the next restart
@@ -340,10 +414,13 @@ class MultiTargeted:
         n = min(self.n_targets, logits.shape[1] - 1)
         best = x.clone()
         open_ = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        rec = self.attack.recorder
         for k in range(n):
             idx = open_.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
+            if rec is not None:  # target k's restarts are runs k * restarts, ...
+                rec.select(idx, k * self.attack.restarts)
             x_adv = self.attack(
                 model, x[idx], y[idx], target=ranked[idx, k], generator=generator, check=False
             )
@@ -351,6 +428,8 @@ class MultiTargeted:
                 broken = logits_of(model, x_adv).argmax(1) != y[idx]
             best[idx] = x_adv
             open_[idx[broken]] = False
+        if rec is not None:
+            rec.select(None, 0)
         return best
 
 

@@ -1,0 +1,711 @@
+"""Why did an attack fail? Indicators of attack failure, AutoAttack's own checks, and the
+remedies that turn a failed evaluation into a sound one.
+
+A robustness table only says how many points survived. :func:`diagnose` also records, for
+every gradient attack of the table, each point's loss trace (:class:`jeat.attacks.trace.
+LossTrace`) and reads it on the points that survived the whole table (the points whose
+robustness the table claims):
+
+* **silent-success** — an iterate fooled the model, yet the returned point does not: the
+  model is randomised (its prediction changes between passes);
+* **incomplete** — the loss was still rising at the last step (Pintor et al., NeurIPS 2022,
+  as in the authors' released code: on the loss curve scaled to [0, 1] and made monotone, the
+  last 10 iterates still gain more than 5% of the range);
+* **unstable** — the loss goes the wrong way along the path: in total it falls back by more
+  than its whole range (noisy gradients, a piecewise loss surface);
+* **zero-gradients** — most steps had an exactly zero input gradient;
+* **bad-init** — random restarts break points that the first start left standing (measured on
+  the attack's own restarts, and by a probe: the strongest PGD row rerun with 3 restarts on up
+  to ``probe`` surviving points);
+* **transfer-failure** — an example crafted on a surrogate (a transfer source) fooled the
+  surrogate but not the model.
+
+And AutoAttack's own checks, through the reference implementation's ``checks`` module
+(Croce & Hein 2020): **randomised** outputs (identical passes differ), **probabilities**
+(outputs in [0, 1] that sum to 1), **zero-gradients-at-start** (zero input gradients at the
+clean points), **square-beats-white-box** (the black-box Square attack breaks more than
+0.2% of the points that every white-box attack left) and **dynamic** (the forward pass itself
+calls autograd).
+
+Every indicator names its remedies (:data:`REMEDIES`); :func:`fix` runs the table again with
+one attack that applies all of them (more steps, a default step size, restarts, EOT, BPDA,
+log outputs) and AutoAttack's ``rand`` version when the model is randomised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from jeat.attacks import LogitsModel, ThreatModel, logits_of, model_mode
+from jeat.attacks.trace import LossTrace
+from jeat.energy import cross_entropy_from_logits
+from jeat.errors import JeatError
+from jeat.evaluate import (
+    AttackSpec,
+    EvalContext,
+    EvalResult,
+    build_attack,
+    evaluate,
+    model_device,
+    parse_attacks,
+)
+
+if TYPE_CHECKING:
+    from jeat.distributed import DistContext
+
+__all__ = [
+    "INDICATORS",
+    "REMEDIES",
+    "Indicator",
+    "RowDiagnosis",
+    "ModelCheck",
+    "Diagnosis",
+    "parse_names",
+    "point_indicators",
+    "model_checks",
+    "diagnose",
+    "remedy_attacks",
+    "fix",
+]
+
+
+@dataclass(frozen=True)
+class Indicator:
+    name: str
+    scope: str  # "point": read from loss traces per point; "model": a check of the model
+    description: str
+    remedies: tuple[str, ...]
+
+
+_LIST = [
+    Indicator(
+        "silent-success",
+        "point",
+        "an iterate fooled the model but the returned point does not (a randomised model)",
+        ("eot",),
+    ),
+    Indicator(
+        "incomplete",
+        "point",
+        "the loss was still rising at the last step",
+        ("more-steps", "larger-step"),
+    ),
+    Indicator(
+        "unstable",
+        "point",
+        "the loss goes the wrong way along the path (noisy gradients, piecewise loss)",
+        ("eot", "bpda"),
+    ),
+    Indicator(
+        "zero-gradients",
+        "point",
+        "most steps had a zero input gradient before any success",
+        ("bpda",),
+    ),
+    Indicator(
+        "bad-init",
+        "point",
+        "random restarts break points that the first start left standing",
+        ("restarts",),
+    ),
+    Indicator(
+        "transfer-failure",
+        "point",
+        "examples crafted on a surrogate fooled it but not the model",
+        ("bpda",),
+    ),
+    Indicator(
+        "randomised",
+        "model",
+        "outputs change between identical forward passes (AutoAttack's check)",
+        ("eot", "aa-rand"),
+    ),
+    Indicator(
+        "probabilities",
+        "model",
+        "the outputs are probabilities, not logits (AutoAttack's check)",
+        ("log-outputs",),
+    ),
+    Indicator(
+        "zero-gradients-at-start",
+        "model",
+        "zero input gradients at the clean points (AutoAttack's check)",
+        ("bpda",),
+    ),
+    Indicator(
+        "square-beats-white-box",
+        "model",
+        "Square broke > 0.2% of the points every white-box attack left (AutoAttack's check)",
+        ("bpda", "eot"),
+    ),
+    Indicator(
+        "dynamic",
+        "model",
+        "the forward pass itself calls autograd: a dynamic defence (AutoAttack's check)",
+        ("bpda", "eot"),
+    ),
+]
+INDICATORS: dict[str, Indicator] = {i.name: i for i in _LIST}
+
+REMEDIES: dict[str, str] = {
+    "more-steps": "5x the steps, at least 100",
+    "larger-step": "a step size no smaller than the default (eps/4 for L-inf)",
+    "restarts": "5 random restarts",
+    "eot": "expectation over transformation: each step averages 20 passes (eot=20)",
+    "bpda": "differentiate non-differentiable layers and preprocessing as identity/ReLU (BPDA)",
+    "aa-rand": "AutoAttack's rand version (APGD-CE and APGD-DLR, EOT over 20 passes)",
+    "log-outputs": "attack the logarithm of the outputs: logits up to a constant",
+}
+
+# per-point thresholds (see the module notes)
+INCOMPLETE_WINDOW = 10
+INCOMPLETE_GAIN = 0.05
+UNSTABLE_FALLBACK = 1.0
+ZERO_GRAD_SHARE = 0.5
+EOT_SAMPLES = 20
+
+
+def parse_names(text: str | list[str] | None, known: dict[str, Any], what: str) -> list[str]:
+    """A comma list of indicator or remedy names, checked against ``known``."""
+    if text is None:
+        return list(known)
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names = [str(t).strip() for t in items if str(t).strip()]
+    for name in names:
+        if name not in known:
+            raise JeatError(f"unknown {what} '{name}'; choose from {', '.join(known)}")
+    if not names:
+        raise JeatError(f"give at least one {what} name")
+    return names
+
+
+@dataclass
+class RowDiagnosis:
+    """The indicators read from one traced row, over the points the row attacked that
+    survived the whole table."""
+
+    attack: str
+    considered: int
+    shares: dict[str, float]  # percent of the considered points
+    raised: list[str]
+
+
+@dataclass
+class ModelCheck:
+    name: str
+    raised: bool
+    detail: str
+
+
+@dataclass
+class Diagnosis:
+    rows: list[RowDiagnosis]
+    checks: list[ModelCheck]
+    threshold: float  # percent of points above which a per-point indicator is raised
+    points: dict[str, Tensor] = field(default_factory=dict, repr=False)  # name -> bool (n,)
+    probe: dict[str, Any] = field(default_factory=dict)
+
+    def raised(self) -> list[str]:
+        names = {n for r in self.rows for n in r.raised} | {c.name for c in self.checks if c.raised}
+        return [n for n in INDICATORS if n in names]
+
+    def remedies(self) -> list[str]:
+        out: list[str] = []
+        for name in self.raised():
+            for r in INDICATORS[name].remedies:
+                if r not in out:
+                    out.append(r)
+        return out
+
+    def notes(self, n: int) -> list[str]:
+        """Per point, ``indicator;...`` of what it raised (empty when none)."""
+        out = [[] for _ in range(n)]
+        for name, flags in self.points.items():
+            for i in flags.nonzero().squeeze(1).tolist():
+                out[i].append(name)
+        return [";".join(v) for v in out]
+
+    def to_dict(self) -> dict:
+        return {
+            "threshold": self.threshold,
+            "rows": [
+                {
+                    "attack": r.attack,
+                    "considered": r.considered,
+                    "shares": r.shares,
+                    "raised": r.raised,
+                }
+                for r in self.rows
+            ],  # fmt: skip
+            "checks": [
+                {"name": c.name, "raised": c.raised, "detail": c.detail} for c in self.checks
+            ],
+            "raised": self.raised(),
+            "remedies": self.remedies(),
+            "probe": self.probe,
+        }
+
+    def _lines(self) -> list[tuple[str, str, str, str]]:
+        lines = []
+        for r in self.rows:
+            for name, share in r.shares.items():
+                up = name in r.raised
+                remedy = ", ".join(INDICATORS[name].remedies) if up else ""
+                where = f"{share:.1f}% of {r.considered}"
+                lines.append((f"{r.attack}: {name}", where, "RAISED" if up else "ok", remedy))
+        for c in self.checks:
+            remedy = ", ".join(INDICATORS[c.name].remedies) if c.raised else ""
+            lines.append((c.name, c.detail, "RAISED" if c.raised else "ok", remedy))
+        return lines
+
+    def table(self) -> str:
+        head = ("indicator", "points / detail", "", "remedy")
+        body = self._lines()
+        widths = [max(len(row[i]) for row in [head, *body]) for i in range(4)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        out = [f"diagnosis (per-point indicators over the points that survived the table; "
+               f"raised above {self.threshold:g}%)"]  # fmt: skip
+        out += [fmt.format(*head).rstrip(), fmt.format(*("-" * w for w in widths))]
+        out += [fmt.format(*row).rstrip() for row in body]
+        raised = self.raised()
+        if raised:
+            out.append(f"raised: {', '.join(raised)}")
+            out.append("remedies: " + "; ".join(f"{r} ({REMEDIES[r]})" for r in self.remedies()))
+        else:
+            out.append("raised: none")
+        return "\n".join(out)
+
+    def markdown(self) -> str:
+        lines = ["| indicator | points / detail | | remedy |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in self._lines()]
+        raised = self.raised()
+        lines += ["", f"Raised: {', '.join(raised) if raised else 'none'}."]
+        if raised:
+            lines.append(
+                "Remedies: " + "; ".join(f"`{r}` ({REMEDIES[r]})" for r in self.remedies())
+            )
+        return "\n".join(lines) + "\n"
+
+
+# -- per-point indicators ------------------------------------------------------------------
+def _incomplete(curves: Tensor) -> Tensor:
+    """Pintor et al.'s rule, for a loss that is ascended: scale each curve to [0, 1], take its
+    running maximum, and flag it when the last ``INCOMPLETE_WINDOW`` iterates still gain more
+    than ``INCOMPLETE_GAIN``."""
+    c = curves.clone()
+    finite = ~torch.isnan(c)
+    lo = torch.where(finite, c, math.inf).amin(1, keepdim=True)
+    hi = torch.where(finite, c, -math.inf).amax(1, keepdim=True)
+    span = (hi - lo).clamp_min(1e-12)
+    c = torch.where(finite, (c - lo) / span, math.nan)
+    # running maximum; skipped (nan) iterates carry the previous value
+    c = torch.where(finite, c, -math.inf).cummax(1).values
+    n_valid = finite.sum(1)
+    out = torch.zeros(len(c), dtype=torch.bool)
+    for i in (n_valid >= 3).nonzero().squeeze(1).tolist():
+        row = c[i, finite[i]]
+        window = row[-min(INCOMPLETE_WINDOW, len(row)) :]
+        out[i] = bool(window.max() - window.min() > INCOMPLETE_GAIN) and bool(hi[i] > lo[i])
+    return out
+
+
+def _unstable(curves: Tensor) -> Tensor:
+    """The loss falls back, in total, by more than ``UNSTABLE_FALLBACK`` times its range."""
+    out = torch.zeros(len(curves), dtype=torch.bool)
+    for i in range(len(curves)):
+        row = curves[i][~torch.isnan(curves[i])]
+        if len(row) < 3:
+            continue
+        span = float(row.max() - row.min())
+        if span <= 0:
+            continue
+        fallback = float((row[:-1] - row[1:]).clamp_min(0).sum())
+        out[i] = fallback > UNSTABLE_FALLBACK * span
+    return out
+
+
+def point_indicators(
+    trace: LossTrace, considered: Tensor, category: str, restarts: int, targeted: bool
+) -> dict[str, Tensor]:
+    """Per-point indicators of one traced row (bool tensors over all points, True only on
+    ``considered`` points)."""
+    fooled_any = (trace.first_fooled >= 0).any(1)
+    grad = trace.grad
+    recorded = ~torch.isnan(grad)
+    zero = (grad == 0) & recorded
+    zero_share = zero.sum((1, 2)) / recorded.sum((1, 2)).clamp_min(1)
+    curves = trace.best_curves()
+    out = {
+        "silent-success": fooled_any if category != "transfer" else torch.zeros_like(fooled_any),
+        "transfer-failure": fooled_any if category == "transfer" else torch.zeros_like(fooled_any),
+        "zero-gradients": (zero_share >= ZERO_GRAD_SHARE) & (recorded.sum((1, 2)) > 0),
+        "incomplete": _incomplete(curves) if trace.steps >= 2 else torch.zeros_like(fooled_any),
+        "unstable": _unstable(curves) if trace.steps >= 2 else torch.zeros_like(fooled_any),
+    }
+    if category == "transfer":  # a surrogate's trace says nothing about the model's loss
+        for name in ("zero-gradients", "incomplete", "unstable"):
+            out[name] = torch.zeros_like(fooled_any)
+    return {k: v & considered for k, v in out.items()}
+
+
+# -- AutoAttack's checks -------------------------------------------------------------------
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _reference_checks():
+    try:
+        from pyautoattack import checks
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise JeatError("the AutoAttack checks need the 'pyautoattack' package") from exc
+    return checks
+
+
+def _flagged(fn, *args) -> str | None:
+    """Run one reference check; its warning (None: it passed)."""
+    handler = _Messages()
+    logger = logging.Logger("jeat-aa-check")
+    logger.addHandler(handler)
+    fn(*args, logger=logger)
+    return handler.messages[0] if handler.messages else None
+
+
+def model_checks(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    result: EvalResult,
+    threat: ThreatModel,
+    threshold: float,
+    square_probe: int = 256,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> list[ModelCheck]:
+    """AutoAttack's checks of the model (reference ``pyautoattack.checks``) on up to 250
+    clean points, and its Square check on the table (or, when the table has no Square row,
+    on a Square probe of 1,000 queries on up to ``square_probe`` surviving points)."""
+    checks = _reference_checks()
+    device = model_device(model)
+    xs, ys = x[:250].to(device), y[:250].to(device)
+    out: list[ModelCheck] = []
+    with model_mode(model, True):
+        fn = LogitsModel(model)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            msg = _flagged(checks.check_randomized, fn, xs, ys)
+        out.append(ModelCheck("randomised", msg is not None, msg or "5 passes agree"))
+        msg = _flagged(checks.check_range_output, fn, xs)
+        out.append(
+            ModelCheck("probabilities", msg is not None, msg or "outputs are not a distribution")
+        )
+        xg = xs.clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = cross_entropy_from_logits(logits_of(model, xg), ys, check=False)
+            grad = None
+            if loss.requires_grad:
+                (grad,) = torch.autograd.grad(loss.sum(), xg, allow_unused=True)
+        grad = torch.zeros_like(xs) if grad is None else grad.detach()
+        zero = int((grad.flatten(1).abs().sum(1) == 0).sum())
+        share = 100.0 * zero / max(1, len(xs))
+        msg = _flagged(checks.check_zero_gradients, grad)
+        out.append(
+            ModelCheck(
+                "zero-gradients-at-start",
+                share > threshold,
+                f"{zero} of {len(xs)} clean points have a zero gradient"
+                + (" (the reference flags any)" if msg and share <= threshold else ""),
+            )
+        )
+        for k in checks.funcs:  # the reference's call counters are global: start from zero
+            checks.funcs[k] = 0
+        msg = _flagged(checks.check_dynamic, model, xs[:8], False)
+        out.append(ModelCheck("dynamic", msg is not None, msg or "no autograd call in forward"))
+    out.append(_square_check(model, x, y, result, threat, square_probe, seed, batch_size))
+    return out
+
+
+def _square_check(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    result: EvalResult,
+    threat: ThreatModel,
+    probe: int,
+    seed: int,
+    batch_size: int,
+) -> ModelCheck:
+    n = max(1, result.n)
+    rows = [r for r in result.rows if r.category == "black-box" and "square" in r.attack]
+    white = [r for r in result.rows if r.category == "white-box"]
+    if rows and white and result.mode == "cascade":
+        broken = sum(r.broken for r in rows)
+        pct = 100.0 * broken / n
+        return ModelCheck(
+            "square-beats-white-box",
+            pct > 0.2,
+            f"the table's Square broke {broken} points ({pct:.2f}%) the white-box attacks left",
+        )
+    if result.robust is None or not white:
+        return ModelCheck("square-beats-white-box", False, "no white-box row to compare with")
+    idx = result.robust.nonzero().squeeze(1)[:probe]
+    if len(idx) == 0:
+        return ModelCheck("square-beats-white-box", False, "no point survived the table")
+    sq = evaluate(
+        model, x[idx], y[idx], ["square:n_queries=1000"], threat, batch_size=batch_size,
+        seed=seed, mode="cascade",
+    )  # fmt: skip
+    broken = sq.rows[-1].broken
+    pct = 100.0 * broken / n
+    return ModelCheck(
+        "square-beats-white-box",
+        pct > 0.2,
+        f"a Square probe (1000 queries) broke {broken} of the {len(idx)} surviving points "
+        f"({pct:.2f}% of the table)",
+    )
+
+
+# -- the diagnosis -------------------------------------------------------------------------
+def _strongest_pgd(result: EvalResult) -> str | None:
+    """The traced white-box PGD row with the most passes per point (untargeted preferred)."""
+    best, cost = None, -1.0
+    for name, spec in result.specs.items():
+        if name not in result.traces or spec.kind not in ("pgd", "cw", "dlr"):
+            continue
+        passes = float(spec.steps or 1) * float(spec.options.get("restarts") or 1)
+        passes -= 0.5 if spec.targeted else 0.0
+        if passes > cost:
+            best, cost = name, passes
+    return best
+
+
+def _bad_init_probe(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    result: EvalResult,
+    threat: ThreatModel,
+    probe: int,
+    seed: int,
+    batch_size: int,
+) -> tuple[str | None, Tensor, int]:
+    """Rerun the strongest PGD row with 3 restarts on up to ``probe`` surviving points: which
+    of them break (bool over all points) and how many were probed."""
+    n = result.n
+    broken = torch.zeros(n, dtype=torch.bool)
+    name = _strongest_pgd(result)
+    if name is None or result.robust is None or probe <= 0:
+        return None, broken, 0
+    spec = result.specs[name]
+    if not spec.options.get("random_start", True):
+        return None, broken, 0
+    idx = result.robust.nonzero().squeeze(1)[:probe]
+    if len(idx) == 0:
+        return name, broken, 0
+    head, *opts = spec.label.split(":")
+    opts = [o for o in opts if o.partition("=")[0].strip() != "restarts"]
+    label = ":".join([head, *opts, "restarts=3"])
+    res = evaluate(
+        model, x[idx], y[idx], [label], threat, batch_size=batch_size, seed=seed + 1,
+        mode="cascade", order="given",
+    )  # fmt: skip
+    outcome = res.outcomes[res.rows[-1].attack]
+    broken[idx] = outcome == 0
+    return name, broken, len(idx)
+
+
+def diagnose(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attacks: str | list[str],
+    threat: ThreatModel,
+    *,
+    indicators: str | list[str] | None = None,
+    threshold: float = 10.0,
+    probe: int = 128,
+    batch_size: int = 256,
+    seed: int = 0,
+    mode: str = "cascade",
+    num_classes: int | None = None,
+    context: EvalContext | None = None,
+    progress: bool = False,
+    sanity_tolerance: float = 3.0,
+    shards: DistContext | None = None,
+    order: str = "cost",
+    result: EvalResult | None = None,
+) -> tuple[EvalResult, Diagnosis]:
+    """Evaluate with loss traces, then read the indicators of attack failure and run
+    AutoAttack's checks. ``indicators`` limits what is computed (default: all); a per-point
+    indicator is raised when more than ``threshold`` percent of the points it is read on
+    show it. ``probe`` caps the surviving points of the bad-initialisation and Square probes.
+    Returns the table (with ``point_notes`` filled) and the :class:`Diagnosis`."""
+    wanted = parse_names(indicators, INDICATORS, "indicator")
+    if not math.isfinite(threshold) or not 0 <= threshold <= 100:
+        raise JeatError(f"the indicator threshold is a percentage in [0, 100], got {threshold}")
+    if result is None:
+        result = evaluate(
+            model, x, y, attacks, threat, batch_size=batch_size, seed=seed, mode=mode,
+            num_classes=num_classes, context=context, progress=progress,
+            sanity_tolerance=sanity_tolerance, shards=shards, order=order, trace=True,
+        )  # fmt: skip
+    n = result.n
+    robust = result.robust if result.robust is not None else torch.zeros(n, dtype=torch.bool)
+    rows: list[RowDiagnosis] = []
+    points: dict[str, Tensor] = {}
+    categories = {r.attack: r.category for r in result.rows}
+    for name, trace in result.traces.items():
+        spec = result.specs.get(name)
+        considered = robust & (result.outcomes[name] >= 0)
+        flags = point_indicators(
+            trace,
+            considered,
+            categories.get(name, "white-box"),
+            int((spec.options.get("restarts") if spec else None) or 1),
+            bool(spec and spec.targeted),
+        )
+        # bad initialisation from the row's own restarts: broken only after the first run
+        if spec is not None and int(spec.options.get("restarts") or 1) > 1 and not spec.targeted:
+            first = trace.first_fooled
+            late = (first[:, 0] < 0) & (first[:, 1:] >= 0).any(1) & (result.outcomes[name] >= 0)
+            flags["bad-init"] = late
+        shares: dict[str, float] = {}
+        raised: list[str] = []
+        for ind, f in flags.items():
+            if ind not in wanted:
+                continue
+            denom = (
+                int((result.outcomes[name] >= 0).sum())
+                if ind == "bad-init"
+                else int(considered.sum())
+            )
+            share = 100.0 * int(f.sum()) / max(1, denom)
+            shares[ind] = share
+            if share > threshold:
+                raised.append(ind)
+            points[ind] = points.get(ind, torch.zeros(n, dtype=torch.bool)) | f
+        rows.append(RowDiagnosis(name, int(considered.sum()), shares, raised))
+    probe_info: dict[str, Any] = {}
+    if "bad-init" in wanted:
+        pname, broken, probed = _bad_init_probe(
+            model, x, y, result, threat, probe, seed, batch_size
+        )
+        if pname is not None and probed:
+            share = 100.0 * int(broken.sum()) / probed
+            probe_info = {"attack": pname, "probed": probed, "broken": int(broken.sum())}
+            row = RowDiagnosis(
+                f"{pname} + 3 restarts (probe)", probed, {"bad-init": share},
+                ["bad-init"] if share > threshold else [],
+            )  # fmt: skip
+            rows.append(row)
+            points["bad-init"] = points.get("bad-init", torch.zeros(n, dtype=torch.bool)) | broken
+    model_level = [i for i in wanted if INDICATORS[i].scope == "model"]
+    checks: list[ModelCheck] = []
+    if model_level:
+        checks = [
+            c
+            for c in model_checks(
+                model,
+                x,
+                y,
+                result,
+                threat,
+                threshold,
+                square_probe=2 * probe,
+                seed=seed,
+                batch_size=batch_size,
+            )  # fmt: skip
+            if c.name in model_level
+        ]
+    diagnosis = Diagnosis(rows, checks, float(threshold), points, probe_info)
+    result.point_notes = diagnosis.notes(n)
+    return result, diagnosis
+
+
+# -- remedies ------------------------------------------------------------------------------
+def _option_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def remedy_attacks(result: EvalResult, remedies: list[str], threat: ThreatModel) -> list[str]:
+    """The attacks that apply ``remedies``: the table's strongest traced PGD row (else
+    ``pgd20``) with every remedy applied, and AutoAttack's rand version for ``aa-rand``."""
+    base = _strongest_pgd(result)
+    spec: AttackSpec = result.specs[base] if base is not None else parse_attacks("pgd20")[0]
+    steps = spec.steps or 20
+    options = {k: v for k, v in spec.options.items() if k != "active"}
+    if "more-steps" in remedies:
+        steps = max(5 * steps, 100)
+    if "larger-step" in remedies:
+        step = options.get("step_size")
+        if step is not None and float(step) < threat.default_step_size:
+            options.pop("step_size")
+    if "restarts" in remedies:
+        options["restarts"] = max(int(options.get("restarts") or 1), 5)
+    if "eot" in remedies:
+        options["eot"] = max(int(options.get("eot") or 1), EOT_SAMPLES)
+    if "bpda" in remedies:
+        options["bpda"] = 1
+    if "log-outputs" in remedies:
+        options["log_outputs"] = 1
+    head = f"{spec.kind}{steps}{'-t' if spec.targeted else ''}"
+    label = ":".join([head, *(f"{k}={_option_text(v)}" for k, v in options.items())])
+    out = [label]
+    if "aa-rand" in remedies:
+        out.append("autoattack:version=rand")
+    return out
+
+
+def fix(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attacks: str | list[str],
+    threat: ThreatModel,
+    diagnosis: Diagnosis,
+    result: EvalResult,
+    *,
+    remedies: str | list[str] | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    mode: str = "cascade",
+    num_classes: int | None = None,
+    context: EvalContext | None = None,
+    progress: bool = False,
+    sanity_tolerance: float = 3.0,
+    shards: DistContext | None = None,
+) -> tuple[EvalResult, list[str]]:
+    """Run the table again with the remedies of the raised indicators (or ``remedies``, a
+    subset of them) added as attacks after the original ones; returns the new table and the
+    attacks added (none when nothing was raised)."""
+    chosen = diagnosis.remedies()
+    if remedies is not None:
+        asked = parse_names(remedies, REMEDIES, "remedy")
+        chosen = asked
+    if not chosen:
+        return result, []
+    extra = remedy_attacks(result, chosen, threat)
+    ctx = context or EvalContext()
+    for label in extra:  # fail on a bad combination before running anything
+        build_attack(parse_attacks(label)[0], threat, ctx)
+    items = attacks.split(",") if isinstance(attacks, str) else list(attacks)
+    fixed = evaluate(
+        model, x, y, [*items, *extra], threat, batch_size=batch_size, seed=seed, mode=mode,
+        num_classes=num_classes, context=ctx, progress=progress,
+        sanity_tolerance=sanity_tolerance, shards=shards, order="given", trace=True,
+    )  # fmt: skip
+    return fixed, extra
