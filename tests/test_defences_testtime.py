@@ -223,6 +223,12 @@ def test_specs_build_the_wrappers_innermost_first(net):
     ]
     assert wrap(net, None) is net and not stack.training
     assert describe(net) == []
+    fine = wrap(net, "purify:step_size=1/255")  # values round-trip exactly
+    assert wrap(net, describe(fine)).step_size == fine.step_size == 1 / 255
+    net.train()
+    net[0].eval()  # a mixed-mode model keeps its modes; the wrapper takes the model's own
+    noisy = wrap(net, "zero-grad")
+    assert noisy.training and noisy.zero.training and not net[0].training
 
 
 @pytest.mark.parametrize(

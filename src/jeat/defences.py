@@ -106,6 +106,7 @@ class Defence(nn.Module):
         if not isinstance(model, nn.Module):
             raise JeatError(f"a defence wraps a torch.nn.Module, got {type(model).__name__}")
         self.model = model
+        self.training = model.training  # a wrapper starts in the mode of what it wraps
         if self.bpda_capable:
             self.bpda = False
 
@@ -125,9 +126,7 @@ class Defence(nn.Module):
 def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return str(int(value))
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
+    return repr(value) if isinstance(value, float) else str(value)  # floats round-trip
 
 
 def _number(value: Any, what: str, low: float, strict: bool = False) -> float:
@@ -330,7 +329,7 @@ class GradientZero(Defence):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.zero = ZeroGrad()
+        self.zero = ZeroGrad().train(model.training)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(self.zero(x))
@@ -419,7 +418,7 @@ def parse_defences(specs: str | Sequence[str] | None) -> list[DefenceSpec]:
 def wrap(model: nn.Module, specs: str | Sequence[str] | Sequence[DefenceSpec] | None) -> nn.Module:
     """``model`` wrapped in the defences ``specs`` names, the first innermost (next to the
     model): ``wrap(m, "median:size=3,noise:sigma=0.1")`` adds noise, then median-filters, then
-    classifies. The result keeps the model's train/eval mode."""
+    classifies. Each wrapper starts in the train/eval mode of the model it wraps."""
     if not isinstance(model, nn.Module):
         raise JeatError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if specs is None or isinstance(specs, str):
@@ -430,10 +429,9 @@ def wrap(model: nn.Module, specs: str | Sequence[str] | Sequence[DefenceSpec] | 
             parsed = items  # type: ignore[assignment]
         else:
             parsed = parse_defences(items)  # type: ignore[arg-type]
-    training = model.training
     for spec in parsed:
         model = spec.build(model)
-    return model.train(training)
+    return model
 
 
 def describe(model: nn.Module) -> list[str]:
