@@ -258,11 +258,15 @@ def test_bad_specs_are_one_line_errors(spec, message):
 
 
 def test_cli_defence_wraps_the_model_and_says_so(tmp_path, standard_run):
-    out = tmp_path / "e.json"
+    own = standard_run / "eval.json"  # the run's own table (the report's) is never replaced
+    before = own.stat().st_mtime_ns if own.exists() else None
     r = jeat_cli("eval", standard_run, "--attacks", "clean,pgd20,pgd20:bpda=1", "--n", "40",
                  "--mode", "independent", "--defence", "quantize:levels=4", "--quiet",
-                 "--out", out, cwd=tmp_path)  # fmt: skip
+                 cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
+    out = standard_run / "eval-quantize-levels4.json"
+    assert f"wrote {out}" in r.stdout
+    assert (own.stat().st_mtime_ns if own.exists() else None) == before
     assert "test-time defences (innermost first): quantize:levels=4" in r.stdout
     table = json.loads(out.read_text())
     assert table["defences"] == ["quantize:levels=4"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -268,9 +269,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             teardown(shards)
     if shards is not None and not shards.is_main:
         return 0  # the first process prints and writes the (gathered, identical) table
-    out = _out_base(args, "eval.json")
-    payload: dict = {"dataset": meta["dataset"], "run": str(args.run), **result.to_dict()}
     defended = _defence_line(meta)
+    # a defended table never takes the place of the run's own eval.json (the report reads it)
+    out = _out_base(args, _defended_name("eval", meta) + ".json")
+    payload: dict = {"dataset": meta["dataset"], "run": str(args.run), **result.to_dict()}
     if defended:
         payload["defences"] = meta["defences"]
     written = []
@@ -356,6 +358,14 @@ def _defence_line(meta: dict) -> str:
     return f"test-time defences (innermost first): {', '.join(meta['defences'])}"
 
 
+def _defended_name(stem: str, meta: dict) -> str:
+    """``stem``, or ``stem-DEFENCES`` for a model wrapped in test-time defences, e.g.
+    ``eval-quantize-levels4``."""
+    specs = meta.get("defences") or []
+    tags = [re.sub(r"[^A-Za-z0-9._+-]", "", d.replace(":", "-")) for d in specs]
+    return "+".join([f"{stem}-{tags[0]}", *tags[1:]]) if tags else stem
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -388,7 +398,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if meta.get("defences"):
         print(_defence_line(meta))
     print(f"{spec.label} on {n} points: clean {clean_acc:.2f}%, under attack {adv_acc:.2f}%")
-    out = _out_base(args, f"adv-{spec.kind}.npz")
+    out = _out_base(args, _defended_name(f"adv-{spec.kind}", meta) + ".npz")
     with atomic_write(out, "wb") as fh:
         np.savez_compressed(
             fh,
