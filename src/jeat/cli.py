@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -205,10 +206,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _eval_setup(args: argparse.Namespace):
     """Model, data, config, test points and threat for ``eval`` and ``attack``."""
+    from jeat.defences import describe, parse_defences, wrap
     from jeat.evaluate import EvalContext
     from jeat.runs import eval_threat
 
+    defences = parse_defences(getattr(args, "defence", None))  # a bad spec fails first
     model, meta, cfg, data = _load_source(args, _source(args), args.dataset)
+    if defences:  # test-time defences wrap the loaded model, the first innermost
+        model = wrap(model, defences)
+        meta["defences"] = describe(model)
     if args.norm:
         cfg.eval.norm = args.norm
     if args.eps is not None:
@@ -281,8 +287,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             teardown(shards)
     if shards is not None and not shards.is_main:
         return 0  # the first process prints and writes the (gathered, identical) table
-    out = _out_base(args, "eval.json")
+    defended = _defence_line(meta)
+    # a defended table never takes the place of the run's own eval.json (the report reads it)
+    out = _out_base(args, _defended_name("eval", meta) + ".json")
     payload: dict = {"dataset": meta["dataset"], "run": str(args.run), **result.to_dict()}
+    if defended:
+        payload["defences"] = meta["defences"]
     written = []
     if args.sanity:
         report = sanity_checks(
@@ -304,6 +314,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(report.table())
         if report.curve is not None:
             written += write_curve(report.curve, out, "sanity")
+    if defended:
+        print(defended)
     print(result.table())
     if args.sanity:
         for w in report.warnings:
@@ -335,7 +347,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         written += write_curve(curve, out, "curve")
     write_json(out, payload)
     md, csv_path = out.with_suffix(".md"), out.with_suffix(".csv")
-    text = result.markdown()
+    text = (defended + "\n\n" if defended else "") + result.markdown()
     if args.sanity:
         text += (
             "\n"
@@ -417,6 +429,21 @@ def _diagnose_and_fix(
     )
 
 
+def _defence_line(meta: dict) -> str:
+    """The test-time defences a model was wrapped in (``--defence``), or "" for none."""
+    if not meta.get("defences"):
+        return ""
+    return f"test-time defences (innermost first): {', '.join(meta['defences'])}"
+
+
+def _defended_name(stem: str, meta: dict) -> str:
+    """``stem``, or ``stem-DEFENCES`` for a model wrapped in test-time defences, e.g.
+    ``eval-quantize-levels4``."""
+    specs = meta.get("defences") or []
+    tags = [re.sub(r"[^A-Za-z0-9._+-]", "", d.replace(":", "-")) for d in specs]
+    return "+".join([f"{stem}-{tags[0]}", *tags[1:]]) if tags else stem
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -446,8 +473,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         adv_pred = model(x_adv).argmax(1)
     clean_acc = 100 * float((clean_pred == y).float().mean())
     adv_acc = 100 * float(((adv_pred == y) & (clean_pred == y)).float().mean())
+    if meta.get("defences"):
+        print(_defence_line(meta))
     print(f"{spec.label} on {n} points: clean {clean_acc:.2f}%, under attack {adv_acc:.2f}%")
-    out = _out_base(args, f"adv-{spec.kind}.npz")
+    out = _out_base(args, _defended_name(f"adv-{spec.kind}", meta) + ".npz")
     with atomic_write(out, "wb") as fh:
         np.savez_compressed(
             fh,
@@ -458,6 +487,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             pred_adv=adv_pred.cpu().numpy(),
             attack=np.array(spec.label),
             dataset=np.array(meta["dataset"]),
+            defences=np.array(meta.get("defences", []), dtype=str),
         )
     k = min(16, n)
     pairs = torch.stack([x[:k], x_adv[:k]], 1).flatten(0, 1).cpu()
@@ -799,6 +829,16 @@ def build_parser() -> argparse.ArgumentParser:
             default_seed = "from the run's seed" if name == "eval" else "0"
             s.add_argument("--seed", type=int, help=f"attack seed (default: {default_seed})")
             s.add_argument("--quiet", action="store_true", help="no progress bars")
+            s.add_argument(
+                "--defence",
+                "--defense",
+                dest="defence",
+                action="append",
+                metavar="SPEC",
+                help="wrap the model in a test-time defence: noise:sigma=0.1, purify:steps=10, "
+                "quantize:levels=4, median:size=3, softmax, zero-grad (repeat or comma list; "
+                "the first is innermost)",
+            )
         if name == "attack":
             s.add_argument("--attack", default="pgd20", help="one attack (see jeat attacks)")
         elif name == "eval":

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +65,8 @@ class KWTA(nn.Module):
     the forward pass stays k-WTA: the adaptive attack that breaks it.
     """
 
+    bpda_capable: ClassVar[bool] = True
+
     def __init__(self, ratio: float = 0.1) -> None:
         super().__init__()
         if not 0 < ratio <= 1:
@@ -87,9 +90,15 @@ class KWTA(nn.Module):
 
 @contextmanager
 def bpda(model: nn.Module) -> Iterator[None]:
-    """Differentiate every :class:`KWTA` layer of ``model`` as a ReLU inside the block (the
-    forward pass is unchanged); restores the layers afterwards."""
-    layers = [m for m in model.modules() if isinstance(m, KWTA)]
+    """Switch every BPDA-capable module of ``model`` to its backward pass approximation inside
+    the block (the forward pass is unchanged); restores the modules afterwards.
+
+    A module is BPDA-capable when its class sets ``bpda_capable = True`` and it has a boolean
+    ``bpda`` attribute that its forward pass reads: :class:`KWTA` (differentiated as a ReLU) and
+    the test-time defences of :mod:`jeat.defences` (non-differentiable or gradient-hiding steps
+    differentiated as the identity).
+    """
+    layers = [m for m in model.modules() if getattr(m, "bpda_capable", False)]
     old = [m.bpda for m in layers]
     for m in layers:
         m.bpda = True
