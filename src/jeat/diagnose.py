@@ -8,9 +8,10 @@ robustness the table claims):
 
 * **silent-success** — an iterate fooled the model, yet the returned point does not: the
   model is randomised (its prediction changes between passes);
-* **incomplete** — the loss was still rising at the last step (Pintor et al., NeurIPS 2022,
-  as in the authors' released code: on the loss curve scaled to [0, 1] and made monotone, the
-  last 10 iterates still gain more than 5% of the range);
+* **incomplete** — the loss was still rising at the last step (Pintor et al., NeurIPS 2022):
+  on the loss curve with both axes scaled to [0, 1] and the loss made monotone (its running
+  maximum), the segment after the break point (the iterate farthest above the chord) still
+  climbs at more than 30 degrees (:func:`break_point_angle`);
 * **unstable** — the loss goes the wrong way along the path: in total it falls back by more
   than its whole range (noisy gradients, a piecewise loss surface);
 * **zero-gradients** — most steps had an exactly zero input gradient;
@@ -68,6 +69,7 @@ __all__ = [
     "Diagnosis",
     "parse_names",
     "point_indicators",
+    "break_point_angle",
     "model_checks",
     "diagnose",
     "remedy_attacks",
@@ -164,8 +166,7 @@ REMEDIES: dict[str, str] = {
 }
 
 # per-point thresholds (see the module notes)
-INCOMPLETE_WINDOW = 10
-INCOMPLETE_GAIN = 0.05
+INCOMPLETE_ANGLE = 30.0  # degrees
 UNSTABLE_FALLBACK = 1.0
 ZERO_GRAD_SHARE = 0.5
 EOT_SAMPLES = 20
@@ -294,25 +295,31 @@ class Diagnosis:
 
 
 # -- per-point indicators ------------------------------------------------------------------
+def break_point_angle(curve: Tensor) -> float:
+    """The break-point angle of one loss curve (an ascended loss), in degrees: scale the
+    iterate axis and the curve's running maximum to [0, 1], take the break point (the iterate
+    farthest above the chord from the first to the last iterate), and return the angle of
+    the segment from the break point to the last iterate. 0: the loss stopped rising;
+    45: it still rises as fast as on average over the run. ``nan`` iterates are skipped."""
+    c = curve[~torch.isnan(curve)]
+    if len(c) < 3:
+        return math.nan
+    lo, hi = float(c.min()), float(c.max())
+    if hi <= lo:
+        return 0.0
+    c = ((c - lo) / (hi - lo)).cummax(0).values
+    t = torch.linspace(0.0, 1.0, len(c))
+    chord = c[0] + (c[-1] - c[0]) * t
+    k = min(int((c - chord).argmax()), len(c) - 2)
+    slope = float(c[-1] - c[k]) / float(1.0 - t[k])
+    return math.degrees(math.atan(slope))
+
+
 def _incomplete(curves: Tensor) -> Tensor:
-    """Pintor et al.'s rule, for a loss that is ascended: scale each curve to [0, 1], take its
-    running maximum, and flag it when the last ``INCOMPLETE_WINDOW`` iterates still gain more
-    than ``INCOMPLETE_GAIN``."""
-    c = curves.clone()
-    finite = ~torch.isnan(c)
-    lo = torch.where(finite, c, math.inf).amin(1, keepdim=True)
-    hi = torch.where(finite, c, -math.inf).amax(1, keepdim=True)
-    span = (hi - lo).clamp_min(1e-12)
-    c = torch.where(finite, (c - lo) / span, math.nan)
-    # running maximum; skipped (nan) iterates carry the previous value
-    c = torch.where(finite, c, -math.inf).cummax(1).values
-    n_valid = finite.sum(1)
-    out = torch.zeros(len(c), dtype=torch.bool)
-    for i in (n_valid >= 3).nonzero().squeeze(1).tolist():
-        row = c[i, finite[i]]
-        window = row[-min(INCOMPLETE_WINDOW, len(row)) :]
-        out[i] = bool(window.max() - window.min() > INCOMPLETE_GAIN) and bool(hi[i] > lo[i])
-    return out
+    """The loss was still rising at the end: a break-point angle above
+    ``INCOMPLETE_ANGLE`` (curves of fewer than 3 iterates, FGSM's, are not judged)."""
+    angles = torch.tensor([break_point_angle(c) for c in curves])
+    return angles > INCOMPLETE_ANGLE
 
 
 def _unstable(curves: Tensor) -> Tensor:
@@ -532,7 +539,7 @@ def diagnose(
     threat: ThreatModel,
     *,
     indicators: str | list[str] | None = None,
-    threshold: float = 10.0,
+    threshold: float = 20.0,
     probe: int = 128,
     batch_size: int = 256,
     seed: int = 0,
