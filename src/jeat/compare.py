@@ -222,10 +222,11 @@ def _headline(entries: list[_Entry], study: _Study | None) -> str:
         return "".join(parts)
     rows = [([e.label, e.dataset, _fmt(e.seeds)], e.metrics) for e in entries]
     s = study.summary
+    level = f" at level {s['level']}" if isinstance(s.get("level"), (int, float)) else ""
     return (
         f"<p>Study <code>{_e(study.root)}</code>, budget {_e(s.get('budget', '?'))}, commit "
         f"<code>{_e(s.get('commit') or 'unknown')}</code>. Each cell is the mean over seeds "
-        "and its interval [low, high] (a single number when there is one seed).</p>"
+        f"and its interval [low, high]{_e(level)} (a single number when there is one seed).</p>"
         + headline_table(rows, ["variant", "dataset", "seeds"])
         + "<h3>Every metric</h3>"
         + headline_table(rows, ["variant", "dataset", "seeds"], STUDY_METRICS)
@@ -359,11 +360,16 @@ def _samples(entries: list[_Entry]) -> str:
     parts, missing = [], []
     for e in entries:
         r = e.first
-        if r is not None and (r.root / "samples.png").exists():
-            seed = f", seed {r.config.get('seed', '?')}" if e.seeds else ""
-            parts.append(_png_file(r.root / "samples.png", f"{e.label}{seed}", width=240))
-        else:
+        # samples.png (jeat train, jeat generate), or one grid per sampler (samples-sgld.png)
+        grids = sorted(r.root.glob("samples*.png")) if r is not None else []
+        if not grids:
             missing.append(e)
+        for png in grids:
+            what = [png.stem.removeprefix("samples").lstrip("-")]
+            if e.seeds:
+                what.append(f"seed {r.config.get('seed', '?')}")
+            caption = e.label + "".join(f", {w}" for w in what if w)
+            parts.append(_png_file(png, caption, width=240))
     if missing:
         parts.append(
             _missing(

@@ -84,7 +84,9 @@ h3{font-size:15px;margin-bottom:4px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #d5dbe1;padding:3px 8px;text-align:right}
 th{background:#f0f3f6}
-td.best{font-weight:600}
+.headline{overflow-x:auto}
+.headline td{white-space:nowrap}
+.headline table{font-size:12px}
 details>summary{cursor:pointer;margin:8px 0}
 td:first-child,th:first-child{text-align:left}
 pre,code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px}
@@ -271,7 +273,7 @@ def headline_table(
     keys = [(k, title, d) for k, title, d in metrics if any(k in m for _, m in rows)]
     head = [*lead, *(title for _, title, _ in keys)]
     body = [[*values, *(_cell(m.get(k), d) for k, _, d in keys)] for values, m in rows]
-    return _table(head, body)
+    return f'<div class="headline">{_table(head, body)}</div>'
 
 
 def _headline(run: _Run) -> str:
