@@ -158,6 +158,9 @@ def test_a_study_folder_shows_means_intervals_and_differences(tmp_path, runs, di
         ],
     }  # fmt: skip
     (study / "summary.json").write_text(json.dumps(summary))
+    # a study's cells write one grid per sampler: every samples*.png of seed 0 is shown
+    shutil.copy(study / "cells/digits/standard/seed0/samples.png",
+                study / "cells/digits/standard/seed0/samples-sgld.png")  # fmt: skip
     r = jeat_cli("compare", study, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     page = (study / "compare.html").read_text()
@@ -180,7 +183,8 @@ def test_a_study_folder_shows_means_intervals_and_differences(tmp_path, runs, di
     assert "flatness" in _section(page, "energy-1") and "(mean of 2)" in page
     # the npz group's run has no final steps: its sections say what is missing
     assert "No robustness curve for standard" in _section(page, "robustness-2")
-    assert len(_images(page)) == 1 + 2 + 2  # curves, two sample grids, two energy figures
+    assert "<figcaption>standard, sgld, seed 0</figcaption>" in _section(page, "samples-1")
+    assert len(_images(page)) == 1 + 3 + 2  # curves, three sample grids, two energy figures
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, runs):
