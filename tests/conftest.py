@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +31,66 @@ FAST = [
     "final_report=false",
     "eval.epoch_n=0",
 ]
+
+
+# every final step on, at a size that keeps a run to seconds
+FULL = [
+    "progress=false",
+    "epochs=3",
+    "model.options.width=8",
+    "data.train_subset=400",
+    "objective.attack.steps=3",
+    "eval.n=100",
+    "eval.epoch_n=50",
+    "eval.curve=pgd5",
+    "generate.steps=10",
+    "generate.n_per_class=3",
+    "analysis.n=16",
+    "analysis.grid=5",
+    "analysis.samples_per_class=2",
+    "analysis.score_per_class=5",
+    "analysis.judge_epochs=2",
+]
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+NO_CHROMIUM = (
+    "Chromium is not installed (Debian: apt install chromium); the headless browser check of "
+    "the page is skipped"
+)
+
+
+def render_in_chromium(page: Path, tmp_path: Path) -> dict:
+    """Open the HTML file ``page`` in headless Chromium (a copy with a probe script) and take a
+    screenshot of it. Returns ``{"images", "loaded", "sections", "shot"}``: how many ``<img>``
+    the page has, how many decoded (``naturalWidth > 0``), the ids of the sections laid out
+    with a non-zero height, in page order, and the screenshot's path."""
+    probe = (
+        "<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
+        "const ok=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;"
+        "const secs=[...document.querySelectorAll('section')].filter(s=>s.offsetHeight>0)"
+        ".map(s=>s.id);document.body.setAttribute('data-probe',JSON.stringify("
+        "{images:imgs.length,loaded:ok,sections:secs}));});</script>"
+    )
+    html = tmp_path / "probe.html"
+    html.write_text(page.read_text().replace("</body>", probe + "</body>"))
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+    ]  # fmt: skip
+    r = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120
+    )
+    found = re.search(r"data-probe=\"([^\"]+)\"", r.stdout)
+    assert found, r.stderr[-2000:]
+    result = json.loads(found.group(1).replace("&quot;", '"'))
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [CHROMIUM, *flags, "--window-size=1280,2000", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    result["shot"] = shot
+    return result
 
 
 def train_digits(root: Path, objective: str, epochs: int = 12, seed: int = 0, extra=()):

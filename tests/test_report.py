@@ -11,34 +11,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FAST
+from conftest import CHROMIUM, FAST, FULL, NO_CHROMIUM, render_in_chromium
 
 from jeat import JeatError
 from jeat.config import load_config
 from jeat.finish import train_and_finish
 from jeat.report import SECTIONS, render_report, write_report
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
-
-# every final step on, at a size that keeps the run to seconds
-FULL = [
-    "progress=false",
-    "epochs=3",
-    "model.options.width=8",
-    "data.train_subset=400",
-    "objective.attack.steps=3",
-    "eval.n=100",
-    "eval.epoch_n=50",
-    "eval.curve=pgd5",
-    "generate.steps=10",
-    "generate.n_per_class=3",
-    "analysis.n=16",
-    "analysis.grid=5",
-    "analysis.samples_per_class=2",
-    "analysis.score_per_class=5",
-    "analysis.judge_epochs=2",
-]
 
 
 def jeat(*args):
@@ -111,42 +91,15 @@ def test_report_errors_are_clear(tmp_path, full_run):
     assert r.returncode == 0 and (tmp_path / "copy.html").read_text().startswith("<!DOCTYPE html>")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt install "
-                    "chromium); the headless browser check of the report is skipped")  # fmt: skip
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 def test_the_report_renders_in_headless_chromium(tmp_path, full_run):
     """Open the page in headless Chromium: every image decodes (naturalWidth > 0) and every
     section is laid out with a non-zero height; a screenshot is taken."""
-    probe = (
-        "<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
-        "const ok=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;"
-        "const secs=[...document.querySelectorAll('section')].filter(s=>s.offsetHeight>0)"
-        ".map(s=>s.id);document.body.setAttribute('data-probe',JSON.stringify("
-        "{images:imgs.length,loaded:ok,sections:secs}));});</script>"
-    )
-    page = (full_run / "report.html").read_text().replace("</body>", probe + "</body>")
-    html = tmp_path / "probe.html"
-    html.write_text(page)
-    flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
-    ]  # fmt: skip
-    r = subprocess.run(
-        [CHROMIUM, *flags, "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120
-    )
-    found = re.search(r"data-probe=\"([^\"]+)\"", r.stdout)
-    assert found, r.stderr[-2000:]
-    probe_result = json.loads(found.group(1).replace("&quot;", '"'))
-    assert probe_result["images"] >= 7
-    assert probe_result["loaded"] == probe_result["images"]
-    assert probe_result["sections"] == [sid for sid, _ in SECTIONS]
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [CHROMIUM, *flags, "--window-size=1280,2000", f"--screenshot={shot}",
-         (full_run / "report.html").as_uri()],
-        capture_output=True, timeout=120,
-    )  # fmt: skip
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    probe = render_in_chromium(full_run / "report.html", tmp_path)
+    assert probe["images"] >= 7
+    assert probe["loaded"] == probe["images"]
+    assert probe["sections"] == [sid for sid, _ in SECTIONS]
+    assert probe["shot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_analyze_cli_compares_runs_side_by_side(tmp_path, standard_run, pgdat_run):

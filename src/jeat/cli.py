@@ -545,6 +545,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from jeat.compare import compare
+
+    labels = _csv(args.labels) if args.labels else None
+    out = compare(args.runs, args.out, args.allow_mixed, labels, args.reanalyze, args.device)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_certify(args: argparse.Namespace) -> int:
     from jeat.certify import wrm_certificate
     from jeat.runs import load_trained
@@ -935,6 +944,24 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run", help="run folder")
     rep.add_argument("--out", help="HTML file (default: RUN/report.html)")
     rep.set_defaults(func=cmd_report)
+
+    cmp = sub.add_parser("compare", help="runs (or a study folder) side by side on one HTML page")
+    cmp.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or one study folder")
+    cmp.add_argument(
+        "--out", help="HTML file (default: compare.html here; STUDY/compare.html for a study)"
+    )
+    cmp.add_argument(
+        "--allow-mixed", action="store_true", help="compare runs of different datasets"
+    )
+    cmp.add_argument("--labels", help="comma list of names for the runs (default: folder names)")
+    cmp.add_argument(
+        "--reanalyze",
+        action="store_true",
+        help="analyse the energy landscapes again, together on the same images (default: "
+        "each run's saved analysis/)",
+    )
+    cmp.add_argument("--device", default="cpu", help="device of --reanalyze (default cpu)")
+    cmp.set_defaults(func=cmd_compare)
 
     cert = sub.add_parser("certify", help="certified bounds (WRM) against our attacks")
     cert.add_argument("run", help="run folder or checkpoint file")

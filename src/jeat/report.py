@@ -1,11 +1,14 @@
 """One self-contained HTML page per run (``jeat report RUN``).
 
-The page collects what a run folder holds (see :mod:`jeat.train` for the layout): the run's
-facts and config, training curves drawn from ``metrics.jsonl``, the robustness table and curve
-(``eval.json``), the sample grids, the energy-landscape figures and numbers (``analysis/``),
-the generation scores (``scores.json`` and any ``*.scores.json``), a WRM certificate when there
-is one, and the divergence events. Every section says which command line (re)produces it, and
-a section whose files are missing says so and gives the command that makes them.
+The page collects what a run folder holds (see :mod:`jeat.train` for the layout). It opens with
+the results: the headline table (clean and worst-case robust accuracy, judge-FID / judge-IS,
+training time; the same table ``jeat compare`` puts runs side by side in, see
+:mod:`jeat.compare`), then the run's facts, training curves drawn from ``metrics.jsonl``, the
+robustness table and curve (``eval.json``), the sample grids, the energy-landscape figures and
+numbers (``analysis/``), the generation scores (``scores.json`` and any ``*.scores.json``), a WRM
+certificate when there is one, the divergence events, the commands that reproduce the run and,
+folded away at the end, the resolved config. Every section says which command line (re)produces
+it, and a section whose files are missing says so and gives the command that makes them.
 
 Images are embedded as ``data:`` URIs and the style sheet is inline: the page has no external
 references and no scripts, so it opens offline in any browser and can be mailed as one file.
@@ -26,13 +29,21 @@ from jeat.config import EvalConfig
 from jeat.errors import JeatError
 from jeat.utils import atomic_write, pyplot
 
-__all__ = ["SECTIONS", "render_report", "write_report"]
+__all__ = [
+    "HEADLINE",
+    "SECTIONS",
+    "flatness_table",
+    "headline_table",
+    "render_report",
+    "run_results",
+    "write_report",
+]
 
-# (id, title) of every section, in page order; each is present on every page
+# (id, title) of every section, in page order; each is present on every page. A new section
+# is one entry here and one builder in _BUILDERS.
 SECTIONS = (
+    ("headline", "Results"),
     ("summary", "Run"),
-    ("reproduce", "Reproduce"),
-    ("config", "Configuration"),
     ("training", "Training curves"),
     ("robustness", "Robustness"),
     ("samples", "Samples"),
@@ -40,6 +51,21 @@ SECTIONS = (
     ("scores", "Generation scores"),
     ("certificate", "WRM certificate"),
     ("events", "Divergence events"),
+    ("reproduce", "Reproduce"),
+    ("config", "Configuration"),
+)
+
+# The headline metrics, in column order: (key, column title, digits). The keys are those of a
+# study's summary.json (benchmarks/study.py); a run's own come from run_results. The judge
+# scores carry the sampler: fid_descent, is_sgld, ...
+HEADLINE = (
+    ("clean", "clean %", 2),
+    ("worst_case", "worst-case robust %", 2),
+    ("fid_descent", "judge-FID (descent)", 2),
+    ("is_descent", "judge-IS (descent)", 3),
+    ("fid_sgld", "judge-FID (SGLD)", 2),
+    ("is_sgld", "judge-IS (SGLD)", 3),
+    ("train_seconds", "training s", 1),
 )
 
 _STYLE = """
@@ -58,6 +84,10 @@ h3{font-size:15px;margin-bottom:4px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #d5dbe1;padding:3px 8px;text-align:right}
 th{background:#f0f3f6}
+.headline{overflow-x:auto}
+.headline td{white-space:nowrap}
+.headline table{font-size:12px}
+details>summary{cursor:pointer;margin:8px 0}
 td:first-child,th:first-child{text-align:left}
 pre,code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px}
 pre{background:#f5f7f9;border:1px solid #e2e6ea;padding:8px;overflow-x:auto}
@@ -160,6 +190,117 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def _page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str:
+    """A whole self-contained page: ``sections`` are ``(id, heading, html)`` in page order."""
+    nav = "".join(f'<a href="#{sid}">{_e(t)}</a>' for sid, t, _ in sections)
+    body = "".join(
+        f'<section id="{sid}"><h2>{_e(heading)}</h2>{content}</section>'
+        for sid, heading, content in sections
+    )
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>"
+        f"<header><h1>{_e(title)}</h1><p>{_e(subtitle)}</p></header><nav>{nav}</nav>"
+        f"<main>{body}</main></body></html>\n"
+    )
+
+
+def _figure_png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
+    plt = pyplot()
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------- headline
+def run_results(root: str | Path) -> dict[str, float]:
+    """The headline numbers of run folder ``root`` that its files hold, keyed as in
+    :data:`HEADLINE` (plus ``pgd20`` and ``judge_acc_METHOD``): ``clean`` and ``worst_case``
+    (the table's robust accuracy) from ``eval.json``, ``fid_METHOD`` / ``is_METHOD`` /
+    ``judge_acc_METHOD`` from ``scores.json`` (METHOD: its sampler), ``train_seconds`` the sum
+    of the epochs' ``epoch_seconds`` in ``metrics.jsonl``. A number whose file is missing is
+    left out."""
+    root = Path(root)
+    out: dict[str, float] = {}
+    if (root / "eval.json").exists():
+        ev = _read_json(root / "eval.json")
+        for a in ev.get("attacks") or []:
+            if a.get("attack") in ("clean", "pgd20") and a.get("accuracy") is not None:
+                out[str(a["attack"])] = float(a["accuracy"])
+        if ev.get("robust_accuracy") is not None:
+            out["worst_case"] = float(ev["robust_accuracy"])
+    if (root / "scores.json").exists():
+        sc = _read_json(root / "scores.json")
+        judge, method = sc.get("judge") or {}, sc.get("method") or "descent"
+        for key, field in (("fid", "frechet_distance"), ("is", "inception_score"),
+                           ("judge_acc", "accuracy")):  # fmt: skip
+            if judge.get(field) is not None:
+                out[f"{key}_{method}"] = float(judge[field])
+    rows = _read_jsonl(root / "metrics.jsonl")
+    if rows and all("epoch_seconds" in r for r in rows):
+        out["train_seconds"] = float(sum(r["epoch_seconds"] for r in rows))
+    return out
+
+
+def _cell(value: Any, digits: int) -> str:
+    """A number, or a study's ``{"mean", "low", "high"}`` as ``mean [low, high]``."""
+    if isinstance(value, dict):
+        mean, low, high = value.get("mean"), value.get("low"), value.get("high")
+        if mean is None:
+            return "-"
+        if low is None or high is None:
+            return _fmt(float(mean), digits)
+        return (
+            f"{_fmt(float(mean), digits)} [{_fmt(float(low), digits)}, {_fmt(float(high), digits)}]"
+        )
+    return _fmt(None if value is None else float(value), digits)
+
+
+def headline_table(
+    rows: list[tuple[list[Any], dict[str, Any]]],
+    lead: list[str],
+    metrics: tuple[tuple[str, str, int], ...] = HEADLINE,
+) -> str:
+    """The headline table: one row per ``(lead values, metrics)``, where ``metrics`` maps a key
+    of :data:`HEADLINE` to a number (a run, :func:`run_results`) or to a study's
+    ``{"mean", "low", "high", "n"}`` (shown as ``mean [low, high]``). Columns no row has are
+    left out; a row lacking a number shows ``-``."""
+    keys = [(k, title, d) for k, title, d in metrics if any(k in m for _, m in rows)]
+    head = [*lead, *(title for _, title, _ in keys)]
+    body = [[*values, *(_cell(m.get(k), d) for k, _, d in keys)] for values, m in rows]
+    return f'<div class="headline">{_table(head, body)}</div>'
+
+
+def _headline(run: _Run) -> str:
+    results = run_results(run.root)
+    i = run.info
+    table = headline_table(
+        [([i.get("objective", "?"), i.get("dataset", "?")], results)], ["objective", "dataset"]
+    )
+    notes = []
+    if "worst_case" not in results:
+        notes.append(_missing("No robustness table yet (eval.json).", f"jeat eval {run.q}"))
+    else:
+        ev = _read_json(run.root / "eval.json")
+        attacks = sum(a.get("attack") != "clean" for a in ev.get("attacks") or [])
+        notes.append(
+            f"<p>Worst case over {_e(attacks)} attacks on "
+            f"{_e(ev.get('n'))} test points ({_e(ev.get('threat'))}, ε = "
+            f"{_e(_fmt(ev.get('eps'), 4))}); details under "
+            '<a href="#robustness">Robustness</a>.</p>'
+        )
+    if not any(k.startswith("fid_") for k in results):
+        notes.append(
+            '<p>No generation scores yet: see <a href="#scores">Generation scores</a>.</p>'
+        )
+    return table + "".join(notes)
+
+
 # ---------------------------------------------------------------------------- sections
 def _summary(run: _Run) -> str:
     i = run.info
@@ -211,9 +352,8 @@ def _reproduce(run: _Run) -> str:
 
 def _config(run: _Run) -> str:
     return (
-        f"<p><code>{_e(run.root / 'config.yaml')}</code> (resolved):</p><pre>"
-        + _e(run.config_text)
-        + "</pre>"
+        f"<details><summary><code>{_e(run.root / 'config.yaml')}</code> (resolved; click to "
+        "open)</summary><pre>" + _e(run.config_text) + "</pre></details>"
     )
 
 
@@ -248,10 +388,7 @@ def _training_plot(rows: list[dict[str, Any]]) -> bytes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _figure_png(fig)
 
 
 def _training(run: _Run) -> str:
@@ -337,41 +474,8 @@ def _energy(run: _Run) -> str:
     if not path.exists():
         return _missing("No energy analysis yet (analysis/analysis.json).", f"jeat analyze {run.q}")
     a = _read_json(path)
-    head = [
-        "model",
-        "E(x,y)",
-        "E(x)",
-        "mean |ΔE| in ε-ball",
-        "mean ‖∇E‖₂",
-        "PGD ΔE",
-        "contour rise",
-        "acc %",
-        "PGD acc %",
-    ]
-    rows = []
-    for m in a.get("models", []):
-        f = a["flatness"][m]
-        c = a["contour"][m]
-        rows.append(
-            [
-                m,
-                _fmt(f["energy_joint"], 3),
-                _fmt(f["energy_marginal"], 3),
-                _fmt(f["delta_joint"], 4),
-                _fmt(f["grad_joint"], 4),
-                _fmt(f["adv_rise_joint"], 3),
-                _fmt(c["rise_mean"], 3),
-                _fmt(f["accuracy"], 1),
-                _fmt(f["adv_accuracy"], 1),
-            ]
-        )
-    parts = [
-        f"<p>{_e(a.get('n'))} test images, L-inf ε = {_e(a.get('eps'))}, contour over "
-        f"[−{_fmt(a.get('span'), 3)}, {_fmt(a.get('span'), 3)}]² (L2 units) on a "
-        f"{_e(a.get('grid'))}×{_e(a.get('grid'))} grid. Smaller |ΔE|, ‖∇E‖ and rise = a flatter "
-        "basin (docs/analysis.md says how each is measured).</p>",
-        _table(head, rows),
-    ]
+    rows = [(m, a["flatness"][m], a["contour"][m]["rise_mean"]) for m in a.get("models", [])]
+    parts = [_energy_setup(a), flatness_table(rows)]
     captions = {
         "contour": "E(x + a·d1 + b·d2, y) − E(x, y), mean over images",
         "histograms": "E(x) of real, adversarial, generated and noise inputs",
@@ -383,6 +487,47 @@ def _energy(run: _Run) -> str:
         if png.exists():
             parts.append(_png_file(png, caption, width=560))
     return "".join(parts)
+
+
+def _energy_setup(a: dict[str, Any]) -> str:
+    """One line on how an ``analysis.json`` was measured."""
+    return (
+        f"<p>{_e(a.get('n'))} test images, L-inf ε = {_e(a.get('eps'))}, contour over "
+        f"[−{_fmt(a.get('span'), 3)}, {_fmt(a.get('span'), 3)}]² (L2 units) on a "
+        f"{_e(a.get('grid'))}×{_e(a.get('grid'))} grid. Smaller |ΔE|, ‖∇E‖ and rise = a flatter "
+        "basin (docs/analysis.md says how each is measured).</p>"
+    )
+
+
+def flatness_table(rows: list[tuple[str, dict[str, Any], float | None]]) -> str:
+    """The energy-landscape numbers, one row per ``(name, flatness dict, contour rise)`` (the
+    ``flatness`` and ``contour[...]["rise_mean"]`` entries of an ``analysis.json``)."""
+    head = [
+        "model",
+        "E(x,y)",
+        "E(x)",
+        "mean |ΔE| in ε-ball",
+        "mean ‖∇E‖₂",
+        "PGD ΔE",
+        "contour rise",
+        "acc %",
+        "PGD acc %",
+    ]
+    body = [
+        [
+            name,
+            _fmt(f.get("energy_joint"), 3),
+            _fmt(f.get("energy_marginal"), 3),
+            _fmt(f.get("delta_joint"), 4),
+            _fmt(f.get("grad_joint"), 4),
+            _fmt(f.get("adv_rise_joint"), 3),
+            _fmt(rise, 3),
+            _fmt(f.get("accuracy"), 1),
+            _fmt(f.get("adv_accuracy"), 1),
+        ]
+        for name, f, rise in rows
+    ]
+    return _table(head, body)
 
 
 def _scores(run: _Run) -> str:
@@ -464,6 +609,7 @@ def _events(run: _Run) -> str:
 
 
 _BUILDERS = {
+    "headline": _headline,
     "summary": _summary,
     "reproduce": _reproduce,
     "config": _config,
@@ -485,17 +631,7 @@ def render_report(run: str | Path) -> str:
         f"{r.info.get('objective', '?')} · {r.info.get('model', '?')} · "
         f"{r.info.get('dataset', '?')}"
     )
-    nav = "".join(f'<a href="#{sid}">{_e(t)}</a>' for sid, t in SECTIONS)
-    body = []
-    for sid, heading in SECTIONS:
-        body.append(f'<section id="{sid}"><h2>{_e(heading)}</h2>{_BUILDERS[sid](r)}</section>')
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>"
-        f"<header><h1>{_e(title)}</h1><p>{_e(sub)}</p></header><nav>{nav}</nav>"
-        f"<main>{''.join(body)}</main></body></html>\n"
-    )
+    return _page(title, sub, [(sid, heading, _BUILDERS[sid](r)) for sid, heading in SECTIONS])
 
 
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:

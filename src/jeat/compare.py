@@ -1,0 +1,630 @@
+"""Runs side by side on one self-contained HTML page (``jeat compare RUN [RUN ...]``).
+
+The page opens with the headline table of :mod:`jeat.report` (clean and worst-case robust
+accuracy, judge-FID / judge-IS, training time), one row per run, then, per dataset, the
+runs' robustness curves on one plot with their attack tables side by side, their sample grids
+in a row, and their energy landscapes together (flatness numbers in one table, the energy
+distributions and flatness bars in one figure each), and last the runs' folders and the config
+keys in which they differ.
+
+A *study folder* (``summary.json`` with ``"kind": "jeat-study"``, written by
+``benchmarks/study.py``) is compared group by group: its headline shows each group's mean and
+interval ``mean [low, high]`` over seeds, a table lists its differences with their verdicts,
+and the plots use the groups' own run folders (curves as the mean over seeds with the range
+shaded, seed 0's samples, flatness numbers averaged over seeds). A study may span datasets;
+each gets its own sections.
+
+The energy figures come from each run's saved ``analysis/analysis.json`` (the histograms as
+box plots of its saved quantiles); with ``reanalyze=True`` (``--reanalyze``) the models are
+analysed again together by :func:`jeat.finish.final_analysis`, on the same images and random
+directions as ``jeat analyze RUN RUN ...``, which gives true histograms.
+
+Runs trained on different datasets are refused unless ``allow_mixed=True``; then each dataset
+gets its own sections. Like :mod:`jeat.report`, the page has no scripts and no external
+references: images are embedded PNGs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jeat.errors import JeatError
+from jeat.report import (
+    _cmds,
+    _e,
+    _energy_setup,
+    _figure_png,
+    _fmt,
+    _img,
+    _load_run,
+    _missing,
+    _page,
+    _png_file,
+    _read_json,
+    _Run,
+    _table,
+    flatness_table,
+    headline_table,
+    run_results,
+)
+from jeat.utils import atomic_write, pyplot
+
+__all__ = ["STUDY_KIND", "compare", "render_compare"]
+
+STUDY_KIND = "jeat-study"
+STUDY_VERSION = 1
+
+# every metric of a study's groups, in table order: (key, column title, digits)
+STUDY_METRICS = (
+    ("clean", "clean %", 2),
+    ("pgd20", "PGD-20 %", 2),
+    ("autoattack_fast", "AutoAttack-fast %", 2),
+    ("worst_case", "worst-case %", 2),
+    ("fid_descent", "judge-FID (descent)", 2),
+    ("is_descent", "judge-IS (descent)", 3),
+    ("judge_acc_descent", "judge acc. (descent) %", 1),
+    ("fid_sgld", "judge-FID (SGLD)", 2),
+    ("is_sgld", "judge-IS (SGLD)", 3),
+    ("judge_acc_sgld", "judge acc. (SGLD) %", 1),
+    ("train_seconds", "training s", 1),
+)
+
+
+@dataclass
+class _Entry:
+    """One column of the comparison: a run, or a study's group (its seeds' runs)."""
+
+    label: str
+    dataset: str
+    runs: list[_Run]
+    metrics: dict[str, Any]
+    objective: str
+    seeds: int | None = None  # a study group's n_seeds
+    absent: list[str] = field(default_factory=list)  # a study group's runs that are missing
+
+    @property
+    def first(self) -> _Run | None:
+        return self.runs[0] if self.runs else None
+
+
+@dataclass
+class _Study:
+    root: Path
+    summary: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------ input
+def _is_study(path: Path) -> bool:
+    return path.is_dir() and (path / "summary.json").exists() and not (path / "run.json").exists()
+
+
+def _load_study(root: Path) -> tuple[_Study, list[_Entry]]:
+    summary = _read_json(root / "summary.json")
+    if not isinstance(summary, dict) or summary.get("kind") != STUDY_KIND:
+        kind = summary.get("kind") if isinstance(summary, dict) else None
+        raise JeatError(
+            f"{root / 'summary.json'} is not a jeat study summary (kind {kind!r}, expected "
+            f"{STUDY_KIND!r})"
+        )
+    if summary.get("version") != STUDY_VERSION:
+        raise JeatError(
+            f"{root / 'summary.json'} is study format version {summary.get('version')!r}; this "
+            f"jeat reads version {STUDY_VERSION}"
+        )
+    groups = summary.get("groups")
+    if not isinstance(groups, list) or not groups:
+        raise JeatError(f"{root / 'summary.json'} lists no groups")
+    entries = []
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or not g.get("dataset") or not g.get("variant"):
+            raise JeatError(f"{root / 'summary.json'} group {i} lacks a dataset or a variant")
+        runs, absent = [], []
+        for rel in g.get("runs") or []:
+            folder = root / rel
+            if (folder / "run.json").exists() and (folder / "config.yaml").exists():
+                runs.append(_load_run(folder))
+            else:
+                absent.append(str(rel))
+        objective = runs[0].info.get("objective", "?") if runs else "?"
+        entries.append(
+            _Entry(
+                label=str(g["variant"]),
+                dataset=str(g["dataset"]),
+                runs=runs,
+                metrics=dict(g.get("metrics") or {}),
+                objective=str(objective),
+                seeds=g.get("n_seeds"),
+                absent=absent,
+            )
+        )
+    return _Study(root, summary), entries
+
+
+def _run_labels(runs: list[_Run], labels: Sequence[str] | None) -> list[str]:
+    if labels is not None:
+        labels = [str(x) for x in labels]
+        if len(labels) != len(runs):
+            raise JeatError(f"--labels names {len(labels)} runs, but {len(runs)} are compared")
+        if len(set(labels)) != len(labels) or not all(labels):
+            raise JeatError("--labels must be distinct and non-empty")
+        return labels
+    out: list[str] = []
+    for r in runs:
+        name = r.root.name or str(r.root)
+        if name in out:
+            name = f"{r.root.parent.name}/{name}"
+        while name in out:
+            name += "'"
+        out.append(name)
+    return out
+
+
+def _load(
+    paths: Sequence[str | Path], allow_mixed: bool, labels: Sequence[str] | None
+) -> tuple[_Study | None, list[_Entry]]:
+    if not paths:
+        raise JeatError("name at least one run folder (or one study folder) to compare")
+    folders = [Path(p) for p in paths]
+    for f in folders:
+        if not f.exists():
+            raise JeatError(f"{f} does not exist")
+        if not f.is_dir():
+            raise JeatError(f"{f} is not a folder: give run folders or a study folder")
+    studies = [f for f in folders if _is_study(f)]
+    if studies:
+        if len(folders) > 1:
+            raise JeatError("compare one study folder on its own, or run folders; not both")
+        if labels is not None:
+            raise JeatError("--labels names runs; a study's groups keep their variant names")
+        return _load_study(studies[0])
+    runs = []
+    for f in folders:
+        if not (f / "config.yaml").exists() or not (f / "run.json").exists():
+            raise JeatError(
+                f"{f} is not a jeat run folder (no config.yaml and run.json) nor a study "
+                "folder (no summary.json)"
+            )
+        runs.append(_load_run(f))
+    entries = [
+        _Entry(
+            label=label,
+            dataset=str(r.info.get("dataset", "?")),
+            runs=[r],
+            metrics=run_results(r.root),
+            objective=str(r.info.get("objective", "?")),
+        )
+        for r, label in zip(runs, _run_labels(runs, labels), strict=True)
+    ]
+    datasets = list(dict.fromkeys(e.dataset for e in entries))
+    if len(datasets) > 1 and not allow_mixed:
+        which = ", ".join(f"{e.label}: {e.dataset}" for e in entries)
+        raise JeatError(
+            f"the runs were trained on different datasets ({which}); compare runs of one "
+            "dataset, or pass --allow-mixed"
+        )
+    return None, entries
+
+
+# --------------------------------------------------------------------------------- sections
+def _headline(entries: list[_Entry], study: _Study | None) -> str:
+    if study is None:
+        rows = [([e.label, e.objective, e.dataset], e.metrics) for e in entries]
+        parts = [headline_table(rows, ["run", "objective", "dataset"])]
+        parts.append(
+            "<p>Each run's own evaluation (<code>eval.json</code>: worst case over its attack "
+            "table) and judge scores (<code>scores.json</code>); training time is the sum of its "
+            "epochs. A missing number (-) is a file the run does not have yet.</p>"
+        )
+        return "".join(parts)
+    rows = [([e.label, e.dataset, _fmt(e.seeds)], e.metrics) for e in entries]
+    s = study.summary
+    level = f" at level {s['level']}" if isinstance(s.get("level"), (int, float)) else ""
+    return (
+        f"<p>Study <code>{_e(study.root)}</code>, budget {_e(s.get('budget', '?'))}, commit "
+        f"<code>{_e(s.get('commit') or 'unknown')}</code>. Each cell is the mean over seeds "
+        f"and its interval [low, high]{_e(level)} (a single number when there is one seed).</p>"
+        + headline_table(rows, ["variant", "dataset", "seeds"])
+        + "<h3>Every metric</h3>"
+        + headline_table(rows, ["variant", "dataset", "seeds"], STUDY_METRICS)
+    )
+
+
+def _differences(study: _Study, dataset: str) -> str:
+    diffs = [d for d in study.summary.get("differences") or [] if d.get("dataset") == dataset]
+    if not diffs:
+        return "<p>The study lists no differences for this dataset.</p>"
+    rows = []
+    for d in diffs:
+        low, high = d.get("low"), d.get("high")
+        interval = "-" if low is None or high is None else f"[{_fmt(low)}, {_fmt(high)}]"
+        rows.append(
+            [
+                f"{d.get('a')} − {d.get('b')}",
+                d.get("metric"),
+                _fmt(d.get("mean")),
+                interval,
+                d.get("n"),
+                d.get("verdict", "-"),
+            ]
+        )
+    return "<p>Paired differences a − b over seeds, as the study computed them.</p>" + _table(
+        ["a − b", "metric", "mean", "interval", "n", "verdict"], rows
+    )
+
+
+def _curves(e: _Entry) -> list[dict[str, Any]]:
+    out = []
+    for r in e.runs:
+        path = r.root / "eval.json"
+        if path.exists():
+            curve = _read_json(path).get("curve")
+            if curve and curve.get("eps") and curve.get("accuracy"):
+                out.append(curve)
+    return out
+
+
+def _curve_plot(entries: list[_Entry], curves: dict[str, list[dict[str, Any]]]) -> bytes:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    norms = set()
+    for i, e in enumerate(entries):
+        cs = curves[e.label]
+        if not cs:
+            continue
+        c0, colour = cs[0], f"C{i % 10}"
+        norms.add(c0.get("norm", "?"))
+        same = all(c["eps"] == c0["eps"] and c.get("attack") == c0.get("attack") for c in cs)
+        label = f"{e.label} ({c0.get('attack')}, {c0.get('n')} points)"
+        if same and len(cs) > 1:
+            acc = [[float(v) for v in c["accuracy"]] for c in cs]
+            mean = [sum(col) / len(col) for col in zip(*acc, strict=True)]
+            lo = [min(col) for col in zip(*acc, strict=True)]
+            hi = [max(col) for col in zip(*acc, strict=True)]
+            ax.plot(c0["eps"], mean, marker="o", ms=3, color=colour,
+                    label=f"{label}, mean of {len(cs)} seeds")  # fmt: skip
+            ax.fill_between(c0["eps"], lo, hi, color=colour, alpha=0.15)
+        else:
+            ax.plot(c0["eps"], c0["accuracy"], marker="o", ms=3, color=colour, label=label)
+    ax.set_xlabel(f"eps ({', '.join(sorted(norms))})")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("accuracy under attack against the budget", fontsize=10)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def _attack_table(entries: list[_Entry]) -> str:
+    """Rows: every attack of any run's table; columns: the entries (mean over a group's runs)."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for e in entries:
+        for r in e.runs:
+            path = r.root / "eval.json"
+            if not path.exists():
+                continue
+            ev = _read_json(path)
+            for a in ev.get("attacks") or []:
+                if a.get("accuracy") is not None:
+                    name = str(a.get("attack"))
+                    values.setdefault(name, {}).setdefault(e.label, []).append(float(a["accuracy"]))
+            if ev.get("robust_accuracy") is not None:
+                values.setdefault("worst case", {}).setdefault(e.label, []).append(
+                    float(ev["robust_accuracy"])
+                )
+    if not values:
+        return ""
+    worst = values.pop("worst case", {})
+    rows = []
+    for name, per in [*values.items(), ("worst case", worst)]:
+        cells = []
+        for e in entries:
+            v = per.get(e.label)
+            cells.append(
+                "-" if not v else _fmt(sum(v) / len(v)) + (f" ({len(v)})" if len(v) > 1 else "")
+            )
+        rows.append([name, *cells])
+    note = (
+        "<p>Accuracy (%) under each attack of the runs' tables; a study group shows the mean "
+        "over its seeds and, in parentheses, how many.</p>"
+        if any(len(e.runs) > 1 for e in entries)
+        else "<p>Accuracy (%) under each attack of the runs' tables.</p>"
+    )
+    return note + _table(["attack", *(e.label for e in entries)], rows)
+
+
+def _robustness(entries: list[_Entry]) -> str:
+    curves = {e.label: _curves(e) for e in entries}
+    parts = []
+    if any(curves.values()):
+        parts.append(_img(_curve_plot(entries, curves), "robustness curves",
+                          "robust accuracy against eps, from each run's eval.json"))  # fmt: skip
+    without = [e for e in entries if not curves[e.label]]
+    if without:
+        parts.append(
+            _missing(
+                "No robustness curve for " + ", ".join(e.label for e in without) + ".",
+                *(f"jeat eval {e.first.q} --curve pgd20" for e in without if e.first),
+            )
+        )
+    table = _attack_table(entries)
+    parts.append(table or _missing("No run has a robustness table (eval.json) yet."))
+    return "".join(parts)
+
+
+def _samples(entries: list[_Entry]) -> str:
+    parts, missing = [], []
+    for e in entries:
+        r = e.first
+        # samples.png (jeat train, jeat generate), or one grid per sampler (samples-sgld.png)
+        grids = sorted(r.root.glob("samples*.png")) if r is not None else []
+        if not grids:
+            missing.append(e)
+        for png in grids:
+            what = [png.stem.removeprefix("samples").lstrip("-")]
+            if e.seeds:
+                what.append(f"seed {r.config.get('seed', '?')}")
+            caption = e.label + "".join(f", {w}" for w in what if w)
+            parts.append(_png_file(png, caption, width=240))
+    if missing:
+        parts.append(
+            _missing(
+                "No sample grid for " + ", ".join(e.label for e in missing) + ".",
+                *(f"jeat generate {e.first.q}" for e in missing if e.first),
+            )
+        )
+    return "<p>One row per class (each run's own <code>generate</code> settings).</p>" + "".join(
+        parts
+    )
+
+
+def _saved_analyses(e: _Entry) -> list[dict[str, Any]]:
+    out = []
+    for r in e.runs:
+        path = r.root / "analysis" / "analysis.json"
+        if path.exists():
+            a = _read_json(path)
+            if a.get("models"):
+                out.append(a)
+    return out
+
+
+def _mean_flatness(analyses: list[dict[str, Any]]) -> tuple[dict[str, Any], float | None]:
+    """A run's flatness numbers (its analysis' first model), or their mean over a group's
+    seeds."""
+    flats = [a["flatness"][a["models"][0]] for a in analyses]
+    rises = [a["contour"][a["models"][0]]["rise_mean"] for a in analyses]
+    keys = [k for k in flats[0] if all(isinstance(f.get(k), (int, float)) for f in flats)]
+    mean = {k: sum(float(f[k]) for f in flats) / len(flats) for k in keys}
+    return mean, sum(rises) / len(rises)
+
+
+def _distribution_plot(entries: list[_Entry], analyses: dict[str, dict[str, Any]]) -> bytes:
+    """One panel per entry: box plots of E(x) of real, adversarial, generated and noise inputs
+    from the saved quantiles (box q25-q75, line the median, whiskers q05-q95)."""
+    from jeat.analysis import HIST_KINDS
+
+    plt = pyplot()
+    names = [e.label for e in entries if e.label in analyses]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), dpi=110,
+                             squeeze=False)  # fmt: skip
+    colours = {"real": "C0", "adversarial": "C3", "generated": "C2", "noise": "C7"}
+    for ax, name in zip(axes[0], names, strict=True):
+        a = analyses[name]
+        hist = a["histograms"][a["models"][0]]
+        kinds = [k for k in HIST_KINDS if hist.get(k, {}).get("n")]
+        stats = [
+            {"label": k, "whislo": hist[k]["q05"], "q1": hist[k]["q25"], "med": hist[k]["q50"],
+             "q3": hist[k]["q75"], "whishi": hist[k]["q95"], "fliers": []}
+            for k in kinds
+        ]  # fmt: skip
+        boxes = ax.bxp(stats, showfliers=False, patch_artist=True)
+        for patch, k in zip(boxes["boxes"], kinds, strict=True):
+            patch.set_facecolor(colours[k])
+            patch.set_alpha(0.5)
+        ax.set_title(name, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("E(x) = −logsumexp f(x)")
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def _flatness_plot(entries: list[_Entry], flats: dict[str, list[dict[str, Any]]]) -> bytes:
+    """Bars per entry: mean |ΔE| in the eps-ball and mean ‖∇E‖₂ (over seeds, with their range)."""
+    plt = pyplot()
+    names = [e.label for e in entries if flats.get(e.label)]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.4 * len(names) + 4), 3.2), dpi=110)
+    colours = [f"C{i % 10}" for i in range(len(names))]
+    for ax, key, title in ((axes[0], "delta_joint", "mean |E(x+δ,y) − E(x,y)|, δ in the ε-ball"),
+                           (axes[1], "grad_joint", "mean ‖∇x E(x,y)‖₂")):  # fmt: skip
+        vals = [[float(f[key]) for f in flats[n]] for n in names]
+        means = [sum(v) / len(v) for v in vals]
+        err = [[m - min(v) for m, v in zip(means, vals, strict=True)],
+               [max(v) - m for m, v in zip(means, vals, strict=True)]]  # fmt: skip
+        several = any(len(v) > 1 for v in vals)  # a range over seeds to show
+        ax.bar(range(len(names)), means, color=colours, yerr=err if several else None, capsize=3)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def _energy_saved(entries: list[_Entry]) -> str:
+    per = {e.label: _saved_analyses(e) for e in entries}
+    have = [e for e in entries if per[e.label]]
+    parts = []
+    if have:
+        setups = {(a.get("n"), a.get("eps"), a.get("grid")) for e in have for a in per[e.label]}
+        parts.append(_energy_setup(per[have[0].label][0]))
+        if len(setups) > 1:
+            parts.append(
+                '<p class="warn">The runs were analysed with different settings (test images, '
+                "ε or grid), so their numbers are not measured alike; "
+                "<code>--reanalyze</code> measures them together.</p>"
+            )
+        rows = []
+        for e in have:
+            mean, rise = _mean_flatness(per[e.label])
+            k = len(per[e.label])
+            rows.append((e.label + (f" (mean of {k})" if k > 1 else ""), mean, rise))
+        parts.append(flatness_table(rows))
+        parts.append(
+            _img(_distribution_plot(have, {e.label: per[e.label][0] for e in have}),
+                 "energy distributions",
+                 "E(x) of real, adversarial, generated and noise inputs, from each run's saved "
+                 "quantiles (box: q25-q75, whiskers: q05-q95)")
+        )  # fmt: skip
+        flats = {e.label: [a["flatness"][a["models"][0]] for a in per[e.label]] for e in have}
+        parts.append(_img(_flatness_plot(have, flats), "flatness", "flatness, lower is flatter"))
+    without = [e for e in entries if not per[e.label]]
+    if without:
+        parts.append(
+            _missing(
+                "No energy analysis (analysis/analysis.json) for "
+                + ", ".join(e.label for e in without)
+                + "; analyse them, or recompute every run's together with --reanalyze.",
+                *(f"jeat analyze {e.first.q}" for e in without if e.first),
+            )
+        )
+    return "".join(parts)
+
+
+def _energy_recomputed(entries: list[_Entry], device: str) -> str:
+    from jeat.data import load_dataset
+    from jeat.finish import final_analysis
+    from jeat.runs import load_trained
+
+    have = [e for e in entries if e.first is not None]
+    if not have:
+        return _missing("No run folders to analyse.")
+    runs = {}
+    for e in have:
+        model, _, cfg = load_trained(e.first.root, device=device)
+        runs[e.label] = (model, cfg)
+    cfg = runs[have[0].label][1]
+    data = load_dataset(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
+    with tempfile.TemporaryDirectory(prefix="jeat-compare-") as tmp:
+        result = final_analysis(runs, data, tmp)
+        a = result.to_dict()
+        figures = [
+            _png_file(Path(tmp) / f"{name}.png", caption, width=720)
+            for name, caption in (
+                ("histograms", "E(x) of real, adversarial, generated and noise inputs"),
+                ("flatness", "flatness, lower is flatter"),
+                ("contour", "E(x + a·d1 + b·d2, y) − E(x, y), mean over images"),
+                ("slices", "1-D slices along the adversarial and a random direction"),
+            )
+        ]
+    rows = [(m, a["flatness"][m], a["contour"][m]["rise_mean"]) for m in a["models"]]
+    seeds = " (a study group: its first run)" if any(e.seeds for e in have) else ""
+    first = " ".join(e.first.q for e in have)
+    return (
+        f"<p>Analysed again, together{_e(seeds)}: every model on the same images and random "
+        "directions, as <code>jeat analyze</code> does with several runs.</p>"
+        + _energy_setup(a)
+        + flatness_table(rows)
+        + "".join(figures)
+        + _cmds(f"jeat analyze {first} --out FOLDER")
+    )
+
+
+def _runs(entries: list[_Entry]) -> str:
+    rows = []
+    for e in entries:
+        r = e.first
+        folders = ", ".join(str(x.root) for x in e.runs) or "-"
+        if e.absent:
+            folders += " (missing: " + ", ".join(e.absent) + ")"
+        model = r.info.get("model", "?") if r else "?"
+        rows.append([e.label, e.objective, e.dataset, model, folders])
+    parts = [_table(["run", "objective", "dataset", "model", "folder"], rows)]
+    firsts = [(e.label, e.first) for e in entries if e.first is not None]
+    flat = {label: _flatten(r.config) for label, r in firsts}
+    keys = sorted({k for f in flat.values() for k in f})
+    differ = [k for k in keys if len({repr(f.get(k)) for f in flat.values()}) > 1]
+    if len(firsts) > 1:
+        if differ:
+            table = _table(
+                ["config key", *(label for label, _ in firsts)],
+                [[k, *(_fmt(flat[label].get(k)) for label, _ in firsts)] for k in differ],
+            )
+            parts.append(
+                f"<details><summary>{len(differ)} config keys differ between the runs "
+                f"(click to open)</summary>{table}</details>"
+            )
+        else:
+            parts.append("<p>The runs' configs are identical.</p>")
+    return "".join(parts)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+# ------------------------------------------------------------------------------------- page
+def render_compare(
+    paths: Sequence[str | Path],
+    allow_mixed: bool = False,
+    labels: Sequence[str] | None = None,
+    reanalyze: bool = False,
+    device: str = "cpu",
+) -> str:
+    """The comparison page of run folders ``paths`` (or of one study folder), as a string.
+
+    ``labels`` name the runs (default: their folder names); runs of different datasets need
+    ``allow_mixed``; ``reanalyze`` recomputes the energy analysis of every run together on
+    ``device`` instead of reading the runs' saved ones."""
+    study, entries = _load(paths, allow_mixed, labels)
+    datasets = list(dict.fromkeys(e.dataset for e in entries))
+    sections = [("headline", "Results", _headline(entries, study))]
+    for i, dataset in enumerate(datasets):
+        group = [e for e in entries if e.dataset == dataset]
+        suffix, title = ("", "") if len(datasets) == 1 else (f"-{i + 1}", f" — {dataset}")
+        if study is not None:
+            sections.append((f"differences{suffix}", f"Differences{title}",
+                             _differences(study, dataset)))  # fmt: skip
+        energy = _energy_recomputed(group, device) if reanalyze else _energy_saved(group)
+        sections += [
+            (f"robustness{suffix}", f"Robustness{title}", _robustness(group)),
+            (f"samples{suffix}", f"Samples{title}", _samples(group)),
+            (f"energy{suffix}", f"Energy landscape{title}", energy),
+        ]
+    sections.append(("runs", "Runs", _runs(entries)))
+    if study is not None:
+        title = f"jeat study {study.root.name or study.root}"
+    else:
+        title = "jeat compare: " + ", ".join(e.label for e in entries)
+    sub = f"{len(entries)} {'groups' if study else 'runs'} · {', '.join(datasets)}"
+    return _page(title, sub, sections)
+
+
+def compare(
+    paths: Sequence[str | Path],
+    out: str | Path | None = None,
+    allow_mixed: bool = False,
+    labels: Sequence[str] | None = None,
+    reanalyze: bool = False,
+    device: str = "cpu",
+) -> Path:
+    """Write the comparison page of ``paths`` (see :func:`render_compare`) to ``out``
+    (default: ``compare.html`` in the working directory, or ``STUDY/compare.html`` for a study
+    folder), atomically; returns the path. Nothing is written when the input is refused."""
+    page = render_compare(paths, allow_mixed, labels, reanalyze, device)
+    if out is None:
+        first = Path(paths[0])
+        out = first / "compare.html" if _is_study(first) else Path("compare.html")
+    path = Path(out)
+    with atomic_write(path, "w") as fh:
+        fh.write(page)
+    return path
