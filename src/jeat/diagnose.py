@@ -170,6 +170,7 @@ INCOMPLETE_ANGLE = 30.0  # degrees
 UNSTABLE_FALLBACK = 1.0
 ZERO_GRAD_SHARE = 0.5
 EOT_SAMPLES = 20
+SQUARE_QUERIES = 500  # the Square probe's budget, when the table has no Square row
 
 
 def parse_names(text: str | list[str] | None, known: dict[str, Any], what: str) -> list[str]:
@@ -401,7 +402,8 @@ def model_checks(
 ) -> list[ModelCheck]:
     """AutoAttack's checks of the model (reference ``pyautoattack.checks``) on up to 250
     clean points, and its Square check on the table (or, when the table has no Square row,
-    on a Square probe of 1,000 queries on up to ``square_probe`` surviving points)."""
+    on a Square probe of ``SQUARE_QUERIES`` queries on up to ``square_probe`` surviving
+    points)."""
     checks = _reference_checks()
     device = model_device(model)
     xs, ys = x[:250].to(device), y[:250].to(device)
@@ -468,17 +470,18 @@ def _square_check(
     idx = result.robust.nonzero().squeeze(1)[:probe]
     if len(idx) == 0:
         return ModelCheck("square-beats-white-box", False, "no point survived the table")
+    probe_attack = f"square:n_queries={SQUARE_QUERIES}"
     sq = evaluate(
-        model, x[idx], y[idx], ["square:n_queries=1000"], threat, batch_size=batch_size,
-        seed=seed, mode="cascade",
+        model, x[idx], y[idx], [probe_attack], threat, batch_size=batch_size, seed=seed,
+        mode="cascade",
     )  # fmt: skip
     broken = sq.rows[-1].broken
     pct = 100.0 * broken / n
     return ModelCheck(
         "square-beats-white-box",
         pct > 0.2,
-        f"a Square probe (1000 queries) broke {broken} of the {len(idx)} surviving points "
-        f"({pct:.2f}% of the table)",
+        f"a Square probe ({SQUARE_QUERIES} queries) broke {broken} of the {len(idx)} "
+        f"surviving points ({pct:.2f}% of the table)",
     )
 
 

@@ -46,6 +46,7 @@ SECTIONS = (
     ("summary", "Run"),
     ("training", "Training curves"),
     ("robustness", "Robustness"),
+    ("diagnosis", "Why attacks failed"),
     ("samples", "Samples"),
     ("energy", "Energy landscape"),
     ("scores", "Generation scores"),
@@ -451,6 +452,50 @@ def _robustness(run: _Run) -> str:
     return "".join(parts)
 
 
+def _diagnosis(run: _Run) -> str:
+    """The indicators of attack failure and AutoAttack's checks of ``jeat eval --diagnose``
+    (saved in eval.json), with the table after ``--fix``."""
+    path = run.root / "eval.json"
+    ev = _read_json(path) if path.exists() else {}
+    dg = ev.get("diagnosis")
+    if not dg:
+        return _missing(
+            "No diagnosis yet: it says why each attack failed and which remedy fixes it.",
+            f"jeat eval {run.q} --diagnose --fix",
+        )
+    rows = []
+    for r in dg.get("rows", []):
+        for name, share in (r.get("shares") or {}).items():
+            up = name in (r.get("raised") or [])
+            where = f"{_fmt(share, 1)}% of {r.get('considered')}"
+            rows.append([f"{r.get('attack')}: {name}", where, "RAISED" if up else "ok"])
+    for c in dg.get("checks", []):
+        rows.append([c.get("name"), c.get("detail"), "RAISED" if c.get("raised") else "ok"])
+    raised = dg.get("raised") or []
+    parts = [
+        f"<p>Per-point indicators are read from each point's loss trace, over the points that "
+        f"survived the table, and raised above {_fmt(dg.get('threshold'), 0)}% of them; the "
+        "model checks are AutoAttack's own.</p>",
+        _table(["indicator", "points / detail", ""], rows),
+        f"<p>Raised: <b>{_e(', '.join(raised) or 'none')}</b>."
+        + (f" Remedies: {_e(', '.join(dg.get('remedies') or []))}.</p>" if raised else "</p>"),
+    ]
+    fix = ev.get("fix")
+    if fix and fix.get("attacks"):
+        table = fix.get("table") or {}
+        body = [
+            [a.get("attack"), a.get("attacked"), a.get("broken"), _fmt(a.get("robust_after"))]
+            for a in table.get("attacks", [])
+        ]
+        parts += [
+            f"<h3>After the remedies</h3><p>Added: <code>{_e(', '.join(fix['attacks']))}</code>; "
+            f"worst case <b>{_fmt(fix.get('robust_accuracy'))}%</b> (before: "
+            f"{_fmt(ev.get('robust_accuracy'))}%).</p>",
+            _table(["attack", "attacked", "broken", "robust after %"], body),
+        ]
+    return "".join(parts)
+
+
 def _samples(run: _Run) -> str:
     grids = [
         p
@@ -615,6 +660,7 @@ _BUILDERS = {
     "config": _config,
     "training": _training,
     "robustness": _robustness,
+    "diagnosis": _diagnosis,
     "samples": _samples,
     "energy": _energy,
     "scores": _scores,

@@ -1,0 +1,63 @@
+"""``jeat eval --diagnose --fix`` end to end, the per-point trace summary, the report's
+diagnosis section, and bad input."""
+
+import csv
+import json
+import shutil
+
+from conftest import cli_fails, jeat_cli
+
+from jeat.report import render_report
+
+
+def test_diagnose_and_fix_a_too_weak_attack_from_the_command_line(tmp_path, standard_run):
+    run = tmp_path / "run"
+    shutil.copytree(standard_run, run)
+    per_point = tmp_path / "points.csv"
+    weak = "clean,pgd2:step_size=0.001"
+    out = jeat_cli("eval", str(run), "--attacks", weak, "--n", "120", "--diagnose", "--fix",
+                   "--per-point", str(per_point), "--quiet")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "pgd2:step_size=0.001: incomplete" in text and "RAISED" in text
+    assert "after the remedies (added: pgd100" in text
+    ev = json.loads((run / "eval.json").read_text())
+    assert "incomplete" in ev["diagnosis"]["raised"]
+    assert ev["fix"]["attacks"][0].startswith("pgd100")
+    assert "step_size" not in ev["fix"]["attacks"][0]  # the default step, not 0.001
+    # a standard model: the remedy breaks (nearly) everything the weak attack left
+    assert ev["robust_accuracy"] > 80 and ev["fix"]["robust_accuracy"] < 5
+    rows = list(csv.DictReader(per_point.open()))
+    assert len(rows) == 120
+    robust = [r for r in rows if r["robust"] == "1"]
+    assert robust and all("incomplete" in r["indicators"] for r in robust[:5])
+    first, last = (
+        float(robust[0]["pgd2:step_size=0.001:loss_first"]),
+        float(robust[0]["pgd2:step_size=0.001:loss_last"]),
+    )
+    assert last > first  # still rising: what the indicator read
+    page = render_report(run)
+    assert '<section id="diagnosis">' in page and "After the remedies" in page
+    assert "incomplete" in page
+
+
+def test_an_honest_table_raises_nothing_and_fix_says_so(tmp_path, pgdat_run):
+    run = tmp_path / "run"
+    shutil.copytree(pgdat_run, run)
+    out = jeat_cli("eval", str(run), "--attacks", "clean,pgd20", "--n", "100", "--diagnose",
+                   "--indicators", "silent-success,zero-gradients,unstable,randomised,dynamic",
+                   "--fix", "--quiet")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "raised: none" in out.stdout and "no remedy to run" in out.stdout
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["diagnosis"]["raised"] == [] and ev["fix"]["attacks"] == []
+
+
+def test_bad_diagnosis_input_is_one_line_and_exit_2(tmp_path, standard_run):
+    run = str(standard_run)
+    cli_fails(["eval", run, "--fix"], tmp_path, "--fix", "--diagnose")
+    cli_fails(["eval", run, "--diagnose", "--indicators", "nope"], tmp_path, "unknown indicator")
+    cli_fails(["eval", run, "--diagnose", "--fix", "--remedies", "magic"], tmp_path,
+              "unknown remedy 'magic'")  # fmt: skip
+    cli_fails(["eval", run, "--indicators", "incomplete"], tmp_path, "add --diagnose")
+    cli_fails(["eval", run, "--attacks", "clean,pgd5:eot=0"], tmp_path, "eot must be >= 1")
