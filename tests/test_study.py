@@ -63,6 +63,13 @@ def test_study_smoke_writes_the_contract_and_resumes(tmp_path, study, capsys):
         a = next(g for g in summary["groups"] if g["variant"] == "jeat")["metrics"][metric]
         b = next(g for g in summary["groups"] if g["variant"] == "pgdat")["metrics"][metric]
         assert d["mean"] == pytest.approx(a["mean"] - b["mean"])
+    (goal,) = summary["goal"]
+    assert goal["dataset"] == "digits" and goal["variant"] == "jeat"
+    assert goal["autoattack_fast"] == diffs[("jeat", "pgdat", "autoattack_fast")]["verdict"]
+    assert goal["met"] == (
+        goal["autoattack_fast"] != "A lower"
+        and "A lower" in (goal["fid_descent"], goal["fid_sgld"])
+    )
     readme = (out / "README.md").read_text()
     assert "| jeat | 2 |" in readme and "jeat | pgdat | worst_case" in readme
 

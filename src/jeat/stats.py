@@ -222,6 +222,8 @@ def summarize_study(
                 "variant": variant,
                 "n_seeds": len(members),
                 "seeds": seeds,
+                # cells without numbers (e.g. a run that diverged): status other than "ok"
+                "n_failed": sum(c.get("status", "ok") != "ok" for c in members),
                 "metrics": summary,
                 "runs": [c["run"] for c in members],
             }
