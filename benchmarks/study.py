@@ -494,9 +494,44 @@ def goal_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finished_cells(out: Path) -> list[dict[str, Any]]:
+    """Every finished cell in the study folder (also those of an earlier invocation with
+    another ``--part`` or ``--variants``), in the order datasets, variants, seeds."""
+    order = {v: i for i, v in enumerate([*MAIN, *KNOBS])}
+    datasets = {d: i for i, d in enumerate(FULL)}
+    cells = []
+    for path in sorted((out / "cells").glob("*/*/seed*/cell.json")):
+        record = read_cell(path.parent)
+        if record is not None:
+            cells.append(record)
+    return sorted(
+        cells,
+        key=lambda c: (
+            datasets.get(c["dataset"], len(datasets)),
+            order.get(c["variant"], len(order)),
+            c["variant"],
+            c["seed"],
+        ),
+    )
+
+
+def judge_accuracies(out: Path) -> dict[str, float]:
+    found = {}
+    for path in sorted((out / "judges").glob("*/judge.json")):
+        try:
+            found[path.parent.name] = float(json.loads(path.read_text())["test_accuracy"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
 def write_summary(
     out: Path, args: argparse.Namespace, cells: list[dict[str, Any]], judges: dict[str, float]
 ) -> dict[str, Any]:
+    """summary.json and README.md over every finished cell in the folder (``cells``, this
+    invocation's, are among them)."""
+    cells = finished_cells(out)
+    judges = {**judge_accuracies(out), **judges}
     variants = list(dict.fromkeys(c["variant"] for c in cells))
     pairs = [(v, "pgdat") for v in variants if v.startswith("jeat")]
     pairs += [(v, "jeat") for v in variants if v.startswith("jeat-")]
