@@ -26,6 +26,19 @@ A cell whose ``cell.json`` exists is finished and skipped, so the study resumes 
 a cell without it is redone (from its last checkpoint when training was interrupted, from its
 ``model.pt`` when only the measurements were). ``cell.json`` is written atomically, last.
 
+Full budget (``FULL``): digits 8 epochs (digits-pgdat's model and attack), all 360 test
+points, 30 generation steps; MNIST (``mnist-t10k``) width 8, the first 3,000 training images,
+4 epochs, 200 test points, 20 generation steps; 1,000 samples per method everywhere; 75 cells.
+Measured at commit 53272e7 on the shared 2-core CPU while 3-4 other jobs ran (load 5-12):
+a digits JEAT cell 724 s wall / 400 s CPU (AutoAttack-fast 65 s, generation 42 s at 60 steps),
+a digits PGD-AT cell's AutoAttack-fast 626 s at load 11; an MNIST PGD-AT cell (width 8, 4,000
+images, 300 points, 30 steps) 331 s wall / 327 s CPU (train 189 s, AutoAttack-fast 56 s,
+generation 82 s) at load 6. Against the idle reference of the same digits AutoAttack-fast run
+(29 s, ``benchmarks/results/default_table``) the load factor at those times was 2.3 or more;
+scaled by it, with the step costs of ``benchmarks/results/compare_objectives``, the budgets
+above come to an estimated 100 minutes on an idle 2-core CPU (uncertain by about 30%).
+``--part main`` and ``--part knobs`` can run as separate invocations into the same folder.
+
 Usage::
 
     python benchmarks/study.py --out benchmarks/results/study            # the full study
@@ -146,7 +159,7 @@ class Budget:
 
 
 # Full budgets: chosen so that main (both datasets) + knobs fit in about 110 minutes on a
-# 2-core CPU (see the study's README for the measured cell times and the estimate).
+# 2-core CPU (the module docstring gives the measured cell times and the estimate).
 FULL = {
     "digits": Budget(
         "digits",
@@ -157,7 +170,7 @@ FULL = {
         warmup_steps=90,
         n_eval=None,
         per_class=100,
-        gen_steps=60,
+        gen_steps=30,
         judge_epochs=12,
     ),
     "mnist": Budget(
@@ -167,22 +180,23 @@ FULL = {
         3,
         [
             # compare_objectives' MNIST attack (PGD-10 at eps 0.3, step 0.075, eps warm-up
-            # over two epochs) on a CPU budget: the first 4,000 training images, width 8
-            # (a width-8 CNN on 28x28 costs about what digits-pgdat's width 32 costs on 8x8)
-            "data.train_subset=4000",
+            # over two epochs) on a CPU budget: the first 3,000 training images (47 steps of
+            # 64 per epoch), width 8 (a width-8 CNN on 28x28 costs about what digits-pgdat's
+            # width 32 costs on 8x8)
+            "data.train_subset=3000",
             "batch_size=64",
             "epochs=4",
             "model.options.width=8",
             "objective.attack.steps=10",
             "objective.attack.step_size=0.075",
-            "objective.attack.eps_warmup_steps=126",
-            "schedule.warmup_steps=60",
+            "objective.attack.eps_warmup_steps=94",
+            "schedule.warmup_steps=47",
             "optim.lr=2e-3",
         ],
-        warmup_steps=126,
-        n_eval=300,
+        warmup_steps=94,
+        n_eval=200,
         per_class=100,
-        gen_steps=30,
+        gen_steps=20,
         judge_epochs=4,
         # the recipe's width 64 would cost as much as 14 PGD-AT cells: width 32 (with batch
         # norm) reaches about 98% in 4 epochs
