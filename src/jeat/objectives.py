@@ -31,7 +31,7 @@ from jeat.energy import (
     marginal_energy_from_logits,
 )
 from jeat.errors import JeatError
-from jeat.samplers import SGLD, ReplayBuffer, fit_class_gaussians
+from jeat.samplers import BUFFER_INITS, SGLD, ReplayBuffer, fit_class_gaussians
 
 __all__ = [
     "ObjectiveOutput",
@@ -159,6 +159,7 @@ class _AdversarialMixin:
         if scale != self._scale:
             self._scale = scale
             self.attack = self._make_attack(scale)
+        super().begin_step(step)  # type: ignore[misc]  # the next class's schedule (JEAT's lambda)
 
 
 @register_objective("standard")
@@ -406,10 +407,14 @@ JEM_DEFAULTS: dict[str, Any] = {
     "energy_weight": 1.0,  # lambda in CE + lambda * [E(x) - E(x_hat)]
     "buffer_size": 10000,
     "reinit_freq": 0.05,
-    "buffer_init": "uniform",  # uniform | gaussian (class-conditional Gaussian seeds)
+    # uniform | gaussian (class-conditional Gaussian seeds) | data (training images + noise)
+    "buffer_init": "uniform",
+    "buffer_init_noise": 0.1,  # noise std of the `data` re-initialisation ([0, 1] pixels)
     "sgld_steps": 20,
     "sgld_step_size": 0.25,
     "sgld_noise": 0.005,
+    "sgld_grad_clip": None,  # JEM++'s proximal SGLD: clamp the energy gradient per pixel
+    "energy_weight_warmup_steps": 0,  # lambda grows linearly from 0 over this many steps
     "sample_batch": None,  # samples per step; None: the data batch size
     "conditional": False,  # sample E(x, y) from class partitions instead of E(x)
     "data_noise": 0.015,
@@ -426,18 +431,54 @@ class _EnergyObjective(Objective):
     def __init__(self, cfg: ObjectiveConfig, info: DatasetInfo) -> None:
         super().__init__(cfg, info)
         o = self.opts
-        if o["buffer_init"] not in ("uniform", "gaussian"):
-            raise JeatError("objective option buffer_init must be 'uniform' or 'gaussian'")
+        if o["buffer_init"] not in BUFFER_INITS:
+            raise JeatError(
+                f"objective option buffer_init must be one of {', '.join(BUFFER_INITS)}, got "
+                f"{o['buffer_init']!r}"
+            )
         if o["sgld_steps"] < 0 or o["buffer_size"] < info.num_classes:
             raise JeatError("sgld_steps must be >= 0 and buffer_size >= the number of classes")
-        self.sgld = SGLD(o["sgld_steps"], o["sgld_step_size"], o["sgld_noise"])
+        noise = o["buffer_init_noise"]
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+            raise JeatError(f"objective option buffer_init_noise must be >= 0, got {noise!r}")
+        clip = o["sgld_grad_clip"]
+        if clip is not None and (
+            isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
+        ):
+            raise JeatError(f"objective option sgld_grad_clip must be > 0 or null, got {clip!r}")
+        warm = o["energy_weight_warmup_steps"]
+        if isinstance(warm, bool) or not isinstance(warm, int) or warm < 0:
+            raise JeatError(
+                f"objective option energy_weight_warmup_steps must be an integer >= 0, got {warm!r}"
+            )
+        self.sgld = SGLD(
+            o["sgld_steps"],
+            o["sgld_step_size"],
+            o["sgld_noise"],
+            None if clip is None else float(clip),
+        )
         self.buffer: ReplayBuffer | None = None
+        self._lambda_scale = self._warmup_scale(0)
+
+    def _warmup_scale(self, step: int) -> float:
+        warm = self.opts["energy_weight_warmup_steps"]
+        return min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+
+    @property
+    def energy_weight(self) -> float:
+        """lambda at the current step (``energy_weight`` after its warm-up)."""
+        return float(self.opts["energy_weight"]) * self._lambda_scale
+
+    def begin_step(self, step: int) -> None:
+        self._lambda_scale = self._warmup_scale(step)
+        super().begin_step(step)
 
     def setup(self, data: ImageDataset, device: torch.device) -> None:
         o = self.opts
         seeds = None
         if o["buffer_init"] == "gaussian":
             seeds = fit_class_gaussians(data.x_train, data.y_train, data.info.num_classes)
+        pool = (data.x_train, data.y_train) if o["buffer_init"] == "data" else None
         self.buffer = ReplayBuffer(
             o["buffer_size"],
             data.info.shape,
@@ -446,6 +487,8 @@ class _EnergyObjective(Objective):
             init=o["buffer_init"],
             seeds=seeds,
             device=device,
+            pool=pool,
+            init_noise=o["buffer_init_noise"],
         )
 
     def _buffer(self) -> ReplayBuffer:
@@ -484,7 +527,7 @@ class _EnergyObjective(Objective):
         x_hat, labels = self.samples(model, y, like)
         e_hat = self.energy(as_logits(model(x_hat)), labels)
         gap = e_data.mean() - e_hat.mean()
-        term = self.opts["energy_weight"] * gap
+        term = self.energy_weight * gap
         if self.opts["energy_l2"]:
             term = term + self.opts["energy_l2"] * (e_data.pow(2).mean() + e_hat.pow(2).mean())
         metrics = {
@@ -492,6 +535,8 @@ class _EnergyObjective(Objective):
             "energy_sample": e_hat.mean().detach(),
             "energy_gap": gap.detach(),
         }
+        if self.opts["energy_weight_warmup_steps"]:
+            metrics["energy_weight"] = torch.tensor(self.energy_weight, device=gap.device)
         return term, metrics
 
     def noisy(self, x: Tensor) -> Tensor:

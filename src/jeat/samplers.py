@@ -48,6 +48,7 @@ __all__ = [
     "SeededDescent",
     "SGLD",
     "ReplayBuffer",
+    "BUFFER_INITS",
     "generate",
     "SEEDS",
 ]
@@ -190,6 +191,10 @@ class SGLD:
     steps: int = 20
     step_size: float = 0.25
     noise: float = 0.005
+    # JEM++'s proximal SGLD (Yang & Ji 2021): clamp each pixel's energy gradient to
+    # [-grad_clip, grad_clip] before the step, so no step moves a pixel by more than
+    # step_size * grad_clip (plus the noise); None: plain SGLD
+    grad_clip: float | None = None
 
     def __call__(
         self,
@@ -200,8 +205,13 @@ class SGLD:
     ) -> Tensor:
         if self.step_size < 0 or self.noise < 0:
             raise JeatError("SGLD step size and noise must be >= 0")
+        clip = self.grad_clip
+        if clip is not None and not clip > 0:
+            raise JeatError(f"SGLD gradient clip must be > 0 (or None), got {clip}")
 
         def update(x: Tensor, grad: Tensor) -> Tensor:
+            if clip is not None:
+                grad = grad.clamp(-clip, clip)
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             return (x - self.step_size * grad + self.noise * noise).clamp_(0.0, 1.0)
 
@@ -217,14 +227,38 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
+BUFFER_INITS = ("uniform", "gaussian", "data")
+
+
+def _class_pool(x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training images grouped by class without copying them: the images, an order that sorts
+    them by class, each class's first position in that order and its count."""
+    y = y.cpu().long()
+    if len(x) != len(y) or len(x) == 0:
+        raise JeatError(f"a data pool needs images and one label each, got {len(x)} / {len(y)}")
+    counts = torch.bincount(y, minlength=num_classes)
+    if len(counts) > num_classes or int(y.min()) < 0:
+        raise JeatError(f"pool labels must lie in [0, {num_classes - 1}]")
+    empty = (counts == 0).nonzero().squeeze(1).tolist()
+    if empty:
+        raise JeatError(f"class(es) {empty} have no training images to restart chains from")
+    order = torch.argsort(y, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    return x.cpu(), order, starts, counts
+
+
 class ReplayBuffer:
     """Persistent SGLD chains (JEM): ``size`` images, drawn in batches, a ``reinit_freq`` share of
     each batch restarted from the re-initialisation distribution, and written back.
 
     Slots are partitioned by class (slot ``i`` belongs to class ``i % num_classes``), so
     class-conditional sampling draws only from its class's chains. ``init`` is ``uniform``
-    (noise in [0, 1], JEM) or ``gaussian`` (class-conditional Gaussian seeds fitted on the
-    training data). Its state (the images) is saved in training checkpoints.
+    (noise in [0, 1], JEM), ``gaussian`` (class-conditional Gaussian seeds fitted on the
+    training data: JEM++'s informative initialisation) or ``data`` (a random training image
+    of the slot's class from ``pool`` plus Gaussian noise of standard deviation
+    ``init_noise``, clamped to [0, 1]: chains that start at the data, as in contrastive
+    divergence). Its state (the images) is saved in training checkpoints; ``seeds`` and
+    ``pool`` are not (they come from the training data).
     """
 
     def __init__(
@@ -237,15 +271,27 @@ class ReplayBuffer:
         seeds: ClassGaussians | None = None,
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
+        pool: tuple[Tensor, Tensor] | None = None,
+        init_noise: float = 0.1,
     ) -> None:
         if size < num_classes:
             raise JeatError(f"replay buffer size {size} is smaller than the class count")
         if not 0.0 <= reinit_freq <= 1.0:
             raise JeatError(f"buffer re-init rate must lie in [0, 1], got {reinit_freq}")
-        if init not in ("uniform", "gaussian"):
-            raise JeatError(f"buffer init must be 'uniform' or 'gaussian', got '{init}'")
+        if init not in BUFFER_INITS:
+            raise JeatError(f"buffer init must be one of {', '.join(BUFFER_INITS)}, got '{init}'")
         if init == "gaussian" and seeds is None:
             raise JeatError("a 'gaussian' replay buffer needs class Gaussians fitted on data")
+        if isinstance(init_noise, bool) or not isinstance(init_noise, (int, float)):
+            raise JeatError(f"buffer init noise must be a number >= 0, got {init_noise!r}")
+        if not init_noise >= 0:
+            raise JeatError(f"buffer init noise must be a number >= 0, got {init_noise!r}")
+        self.init_noise = float(init_noise)
+        self._pool: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        if init == "data":
+            if pool is None:
+                raise JeatError("a 'data' replay buffer needs the training images (pool)")
+            self._pool = _class_pool(pool[0], pool[1], num_classes)
         self.size = size - size % num_classes
         self.shape = tuple(shape)
         self.num_classes = num_classes
@@ -261,6 +307,17 @@ class ReplayBuffer:
         if self.init == "gaussian":
             assert self.seeds is not None
             return _to_device(self.seeds.sample(labels.cpu(), generator), self.device)
+        if self.init == "data":
+            assert self._pool is not None
+            x_pool, order, starts, counts = self._pool
+            lab = labels.cpu().long()
+            offset = (torch.rand(len(lab), generator=generator) * counts[lab]).long()
+            offset = torch.minimum(offset, counts[lab] - 1)
+            x = x_pool[order[starts[lab] + offset]].float()
+            if self.init_noise > 0:
+                noise = torch.randn(x.shape, generator=generator)
+                x = x + self.init_noise * noise
+            return _to_device(x.clamp_(0.0, 1.0), self.device)
         return _to_device(torch.rand((len(labels), *self.shape), generator=generator), self.device)
 
     def sample(
@@ -288,7 +345,7 @@ class ReplayBuffer:
         if restart.any():  # a host tensor: no device read
             if host_idx is not None:
                 labels = host_idx[restart] % k  # slot i belongs to class i % k
-            elif self.init == "gaussian":
+            elif self.init in ("gaussian", "data"):
                 labels = y.cpu()[restart]  # the one read from the device
             else:
                 labels = torch.zeros(int(restart.sum()), dtype=torch.long)  # count only

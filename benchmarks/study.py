@@ -1,0 +1,720 @@
+"""The multi-seed study (issue 20): every objective on digits and MNIST, judged by AutoAttack
+and by judge scores of generated samples, with confidence intervals over seeds.
+
+Variants (``--part main``): ``standard``, ``pgdat``, ``trades``, ``jem``, ``jeat`` (our default)
+and ``jeat-published`` (JEAT as the published descriptions give it: JEM's loss with the data
+term on the adversarial examples, lambda = 1, JEM's sampler: uniform re-initialisation, 20 SGLD
+steps), on ``digits`` (5 seeds) and ``mnist-t10k`` (3 seeds). ``--part knobs`` trains the JEAT
+knobs on MNIST at 3 seeds: lambda (and its warm-up), the data term, the SGLD steps, the chain
+initialisation and JEM++'s proximal SGLD (class-Gaussian initialisation, our default, is
+JEM++'s informative initialisation).
+
+Per model (a *cell*): clean accuracy, PGD-20, ``autoattack-fast`` (APGD-CE then APGD-T) and the
+worst case over them (independent mode: every attack on every clean-correct point); judge-FID,
+judge-IS and judge accuracy of 1,000 class-conditional samples (``per_class`` x 10) drawn by
+seeded descent and by SGLD, scored against the training images by a judge trained once per
+dataset inside the study folder; and the training time (the sum of the run's epoch times).
+
+Layout of the study folder (``--out``)::
+
+    summary.json                  means, 95% t-intervals, paired differences (jeat.stats)
+    README.md                     the same as tables
+    judges/<dataset>/             the judge of each dataset (a jeat run folder)
+    cells/<dataset>/<variant>/seed<k>/   a jeat run folder + cell.json (the cell's numbers)
+
+A cell whose ``cell.json`` exists is finished and skipped, so the study resumes after a kill;
+a cell without it is redone (from its last checkpoint when training was interrupted, from its
+``model.pt`` when only the measurements were). ``cell.json`` is written atomically, last.
+
+Full budget (``FULL``): digits 8 epochs (digits-pgdat's model and attack), all 360 test
+points, 30 generation steps; MNIST (``mnist-t10k``) width 8, the first 3,000 training images,
+4 epochs, 200 test points, 20 generation steps; 1,000 samples per method everywhere; 75 cells.
+Measured at commit 53272e7 on the shared 2-core CPU while 3-4 other jobs ran (load 5-12):
+a digits JEAT cell 724 s wall / 400 s CPU (AutoAttack-fast 65 s, generation 42 s at 60 steps),
+a digits PGD-AT cell's AutoAttack-fast 626 s at load 11; an MNIST PGD-AT cell (width 8, 4,000
+images, 300 points, 30 steps) 331 s wall / 327 s CPU (train 189 s, AutoAttack-fast 56 s,
+generation 82 s) at load 6. Against the idle reference of the same digits AutoAttack-fast run
+(29 s, ``benchmarks/results/default_table``) the load factor at those times was 2.3 or more;
+scaled by it, with the step costs of ``benchmarks/results/compare_objectives``, the budgets
+above come to an estimated 100 minutes on an idle 2-core CPU (uncertain by about 30%).
+``--part main`` and ``--part knobs`` can run as separate invocations into the same folder.
+
+Usage::
+
+    python benchmarks/study.py --out benchmarks/results/study            # the full study
+    python benchmarks/study.py --out /tmp/s --budget smoke --datasets digits --seeds 2 \\
+        --variants standard,jeat                                         # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import ROOT, machine, quiet_stdout
+
+from jeat.config import TrainConfig, config_to_dict, load_config
+from jeat.data import ImageDataset, load_dataset
+from jeat.errors import JeatError
+from jeat.finish import final_evaluation, generate_samples
+from jeat.metrics import JudgeBackend, score_samples, train_judge
+from jeat.runs import load_trained
+from jeat.stats import NO_DIFFERENCE, summarize_study, summary_markdown
+from jeat.train import train
+from jeat.utils import atomic_write, save_image_grid, write_json
+
+ATTACKS = ["clean", "pgd20", "autoattack-fast"]
+
+# The variants: (config suffix, objective options)
+MAIN: dict[str, tuple[str, list[str]]] = {
+    "standard": ("standard", []),
+    "pgdat": ("pgdat", []),
+    "trades": ("trades", []),
+    "jem": ("jem", []),
+    "jeat": ("jeat", []),
+    # Zhu et al. as the published descriptions give it (method notes, sections 4 and 7)
+    "jeat-published": (
+        "jeat",
+        ["energy_weight=1.0", "data_term=adv", "buffer_init=uniform", "sgld_steps=20"],
+    ),
+}
+# JEAT's knobs, each one change from the default (lambda 0.1, data term adv, 3 SGLD steps,
+# class-Gaussian restarts); the default itself is MAIN's "jeat".
+KNOBS: dict[str, tuple[str, list[str]]] = {
+    "jeat-lambda1": ("jeat", ["energy_weight=1.0"]),
+    "jeat-lambda1-warmup": ("jeat", ["energy_weight=1.0", "energy_weight_warmup_steps=WARMUP"]),
+    "jeat-data-clean": ("jeat", ["data_term=clean"]),
+    "jeat-data-both": ("jeat", ["data_term=both"]),
+    "jeat-sgld10": ("jeat", ["sgld_steps=10"]),
+    "jeat-sgld20": ("jeat", ["sgld_steps=20"]),
+    "jeat-init-uniform": ("jeat", ["buffer_init=uniform"]),
+    "jeat-init-data": ("jeat", ["buffer_init=data"]),
+    # JEM++ (Yang & Ji 2021): proximal SGLD, each pixel's gradient clamped (here to 0.1, so a
+    # step moves a pixel by at most 0.025 plus the noise)
+    "jeat-proximal": ("jeat", ["sgld_grad_clip=0.1"]),
+}
+KNOB_DATASET = "mnist"
+
+METRICS = [
+    "clean",
+    "pgd20",
+    "autoattack_fast",
+    "worst_case",
+    "fid_descent",
+    "is_descent",
+    "judge_acc_descent",
+    "fid_sgld",
+    "is_sgld",
+    "judge_acc_sgld",
+    "train_seconds",
+]
+DIFFERENCE_METRICS = [
+    "clean",
+    "pgd20",
+    "autoattack_fast",
+    "worst_case",
+    "fid_descent",
+    "fid_sgld",
+]
+COLUMNS = [
+    ("clean", "clean %", 1),
+    ("pgd20", "PGD-20 %", 1),
+    ("autoattack_fast", "AA-fast %", 1),
+    ("worst_case", "worst %", 1),
+    ("fid_descent", "FID desc.", 1),
+    ("is_descent", "IS desc.", 2),
+    ("judge_acc_descent", "acc desc. %", 1),
+    ("fid_sgld", "FID SGLD", 1),
+    ("is_sgld", "IS SGLD", 2),
+    ("judge_acc_sgld", "acc SGLD %", 1),
+    ("train_seconds", "train s", 0),
+]
+
+
+@dataclass
+class Budget:
+    """One dataset's settings at one budget."""
+
+    prefix: str  # shipped configs <prefix>-{standard,pgdat,trades,jem,jeat}
+    data_name: str
+    sub_dir: str  # folder under --data-dir ("" for the embedded digits)
+    seeds: int
+    overrides: list[str]
+    warmup_steps: int  # lambda warm-up of jeat-lambda1-warmup
+    n_eval: int | None  # test points of the robustness table (None: all)
+    per_class: int  # generated samples per class for the judge scores
+    gen_steps: int
+    judge_epochs: int
+    judge_overrides: list[str] = field(default_factory=list)
+
+
+# Full budgets: chosen so that main (both datasets) + knobs fit in about 110 minutes on a
+# 2-core CPU (the module docstring gives the measured cell times and the estimate).
+FULL = {
+    "digits": Budget(
+        "digits",
+        "digits",
+        "",
+        5,
+        ["epochs=8", "objective.options.buffer_size=2000"],
+        warmup_steps=90,
+        n_eval=None,
+        per_class=100,
+        gen_steps=30,
+        judge_epochs=12,
+    ),
+    "mnist": Budget(
+        "mnist",
+        "mnist-t10k",
+        "mnist",
+        3,
+        [
+            # compare_objectives' MNIST attack (PGD-10 at eps 0.3, step 0.075, eps warm-up
+            # over two epochs) on a CPU budget: the first 3,000 training images (47 steps of
+            # 64 per epoch), width 8 (a width-8 CNN on 28x28 costs about what digits-pgdat's
+            # width 32 costs on 8x8)
+            "data.train_subset=3000",
+            "batch_size=64",
+            "epochs=4",
+            "model.options.width=8",
+            "objective.attack.steps=10",
+            "objective.attack.step_size=0.075",
+            "objective.attack.eps_warmup_steps=94",
+            "schedule.warmup_steps=47",
+            "optim.lr=2e-3",
+        ],
+        warmup_steps=94,
+        n_eval=200,
+        per_class=100,
+        gen_steps=20,
+        judge_epochs=4,
+        # the recipe's width 64 would cost as much as 14 PGD-AT cells: width 32 (with batch
+        # norm) reaches about 98% in 4 epochs
+        judge_overrides=["model.options.width=32"],
+    ),
+}
+# Smoke budgets: the whole pipeline in seconds (CI); the numbers mean nothing.
+SMOKE = {
+    "digits": Budget(
+        "digits",
+        "digits",
+        "",
+        2,
+        [
+            "epochs=1",
+            "data.train_subset=128",
+            "model.options.width=4",
+            "objective.attack.steps=2",
+            "objective.options.buffer_size=100",
+            "objective.options.sgld_steps=2",
+        ],
+        warmup_steps=2,
+        n_eval=24,
+        per_class=6,
+        gen_steps=3,
+        judge_epochs=2,
+        judge_overrides=["model.options.width=8", "data.train_subset=512"],
+    ),
+    "mnist": Budget(
+        "mnist",
+        "mnist-t10k",
+        "mnist",
+        2,
+        [
+            "epochs=1",
+            "data.train_subset=128",
+            "model.options.width=4",
+            "objective.attack.steps=2",
+            "objective.attack.eps_warmup_steps=0",
+            "objective.options.buffer_size=100",
+            "objective.options.sgld_steps=2",
+        ],
+        warmup_steps=2,
+        n_eval=24,
+        per_class=6,
+        gen_steps=3,
+        judge_epochs=2,
+        judge_overrides=["model.options.width=8", "data.train_subset=512"],
+    ),
+}
+BUDGETS = {"full": FULL, "smoke": SMOKE}
+LEAN = [
+    "progress=false",
+    "final_eval=false",
+    "final_samples=false",
+    "final_analysis=false",
+    "final_scores=false",
+    "final_report=false",
+    "eval.epoch_n=0",
+    "eval.curve=null",
+    "eval.mode=independent",
+    "tensorboard=false",
+]
+
+
+@dataclass
+class Cell:
+    dataset: str
+    variant: str
+    seed: int
+    config: str
+    options: list[str]
+
+    @property
+    def run(self) -> str:
+        return f"cells/{self.dataset}/{self.variant}/seed{self.seed}"
+
+
+def plan(args: argparse.Namespace) -> list[Cell]:
+    budgets = BUDGETS[args.budget]
+    cells: list[Cell] = []
+    for ds in args.datasets:
+        b = budgets[ds]
+        variants = dict(MAIN) if args.part in ("main", "all") else {}
+        if args.part in ("knobs", "all") and ds == KNOB_DATASET:
+            variants.update(KNOBS)
+        if args.part == "knobs" and ds == KNOB_DATASET:
+            # the knobs compare with the default JEAT and PGD-AT: train those too
+            variants = {"pgdat": MAIN["pgdat"], "jeat": MAIN["jeat"], **variants}
+        if args.variants:
+            variants = {k: v for k, v in variants.items() if k in args.variants}
+        n_seeds = args.seeds or b.seeds
+        for variant, (suffix, opts) in variants.items():
+            opts = [o.replace("WARMUP", str(b.warmup_steps)) for o in opts]
+            for seed in range(n_seeds):
+                cells.append(Cell(ds, variant, seed, f"{b.prefix}-{suffix}", opts))
+    return cells
+
+
+def cell_config(cell: Cell, b: Budget) -> TrainConfig:
+    base = load_config(cell.config)
+    sets = [
+        f"data.name={b.data_name}",
+        f"seed={cell.seed}",
+        f"eval.n={'null' if b.n_eval is None else b.n_eval}",
+        f"eval.attacks=[{','.join(ATTACKS)}]",
+        f"generate.steps={b.gen_steps}",
+        *LEAN,
+        *b.overrides,
+        *(f"objective.options.{o}" for o in cell.options),
+    ]
+    # options of the energy objectives only (buffer size, SGLD steps) do not apply elsewhere
+    if base.objective.name not in ("jem", "jeat"):
+        sets = [s for s in sets if not s.startswith("objective.options.")]
+    return load_config(cell.config, sets)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (untracked results do not count)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip())
+
+
+def read_cell(folder: Path) -> dict[str, Any] | None:
+    """A finished cell's numbers, or None when the cell must be (re)done."""
+    path = folder / "cell.json"
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and "metrics" in data else None
+
+
+def train_cell(cfg: TrainConfig, folder: Path, data: ImageDataset) -> None:
+    """Train the cell's run: reuse a finished model, resume an interrupted run, else start
+    afresh (removing what a run killed before its first checkpoint left)."""
+    if (folder / "model.pt").exists():
+        return
+    resume = (folder / "checkpoints" / "last.pt").exists()
+    if folder.exists() and not resume:
+        shutil.rmtree(folder)
+    with quiet_stdout():
+        train(cfg, folder, resume=resume, data=data)
+
+
+def measure_cell(
+    cell: Cell, cfg: TrainConfig, folder: Path, data: ImageDataset, judge: torch.nn.Module,
+    b: Budget,
+) -> dict[str, Any]:  # fmt: skip
+    model, _, _ = load_trained(folder)
+    model.eval()
+    t0 = time.perf_counter()
+    table = final_evaluation(cfg, model, data)
+    eval_seconds = time.perf_counter() - t0
+    write_json(folder / "eval.json", {"dataset": data.info.name, **table.to_dict()})
+    aa_rows = [r for r in table.rows if r.group == "autoattack-fast"]
+    metrics: dict[str, Any] = {
+        "clean": table.row("clean").accuracy,
+        "pgd20": table.row("pgd20").accuracy,
+        "autoattack_fast": aa_rows[-1].accuracy if aa_rows else None,
+        "worst_case": table.robust_accuracy,
+    }
+    backend = JudgeBackend(judge)
+    scores: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for method in ("descent", "sgld"):
+        g = dataclasses.replace(cfg.generate, method=method, conditional=True)
+        gen_cfg = dataclasses.replace(cfg, generate=g)
+        images, labels = generate_samples(model, data, gen_cfg, n_per_class=b.per_class)
+        s = score_samples(backend, images, data.x_train, labels, splits=10)
+        scores[method] = s.to_dict()
+        metrics[f"fid_{method}"] = s.frechet_distance
+        metrics[f"is_{method}"] = s.inception_score
+        metrics[f"judge_acc_{method}"] = s.accuracy
+        k, show = data.info.num_classes, min(b.per_class, 8)
+        grid = images.view(k, b.per_class, *data.info.shape)[:, :show]
+        save_image_grid(
+            grid.reshape(-1, *data.info.shape), folder / f"samples-{method}.png", nrow=show
+        )
+    gen_seconds = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    metrics["train_seconds"] = sum(r["epoch_seconds"] for r in rows)
+    return {
+        "dataset": cell.dataset,
+        "data": data.info.name,
+        "variant": cell.variant,
+        "seed": cell.seed,
+        "run": cell.run,
+        "config": cell.config,
+        "options": cell.options,
+        "status": "ok",
+        "metrics": metrics,
+        "eval": table.to_dict(),
+        "scores": scores,
+        "eval_seconds": eval_seconds,
+        "generation_seconds": gen_seconds,
+        "epochs": cfg.epochs,
+        "train_images": len(data.x_train) if cfg.data.train_subset is None
+        else min(cfg.data.train_subset, len(data.x_train)),
+    }  # fmt: skip
+
+
+def failed_cell(cell: Cell, error: str) -> dict[str, Any]:
+    return {
+        "dataset": cell.dataset,
+        "variant": cell.variant,
+        "seed": cell.seed,
+        "run": cell.run,
+        "config": cell.config,
+        "options": cell.options,
+        "status": "diverged",
+        "error": error,
+        "metrics": dict.fromkeys(METRICS),
+    }
+
+
+def load_data(ds: str, b: Budget, data_dir: Path) -> ImageDataset:
+    root = data_dir / b.sub_dir if b.sub_dir else None
+    return load_dataset(b.data_name, root=root)
+
+
+def judge_for(ds: str, b: Budget, data: ImageDataset, out: Path) -> tuple[torch.nn.Module, float]:
+    folder = out / "judges" / ds
+    t0, cpu0 = time.time(), time.process_time()
+    with quiet_stdout():
+        judge, acc, _ = train_judge(
+            b.data_name,
+            data=data,
+            folder=folder,
+            epochs=b.judge_epochs,
+            progress=False,
+            overrides=tuple(b.judge_overrides),
+        )
+    print(f"judge of {ds}: {time.time() - t0:.0f} s, CPU {time.process_time() - cpu0:.0f} s")
+    return judge, acc
+
+
+def goal_check(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goal per dataset and JEAT variant: not worse than PGD-AT under
+    autoattack-fast at 95% confidence (the interval of the paired difference does not lie
+    below zero) and better on judge-FID (the interval of the FID difference lies below zero,
+    by descent or by SGLD)."""
+    verdicts: dict[tuple[str, str], dict[str, str]] = {}
+    for d in summary["differences"]:
+        if d["b"] == "pgdat":
+            verdicts.setdefault((d["dataset"], d["a"]), {})[d["metric"]] = d["verdict"]
+    rows = []
+    for (dataset, variant), v in verdicts.items():
+        if not {"autoattack_fast", "fid_descent", "fid_sgld"} <= set(v):
+            continue
+        known = all(x in (NO_DIFFERENCE, "A higher", "A lower") for x in v.values())
+        aa_ok = v["autoattack_fast"] != "A lower"
+        fid_better = [m for m in ("fid_descent", "fid_sgld") if v[m] == "A lower"]
+        rows.append(
+            {
+                "dataset": dataset,
+                "variant": variant,
+                "autoattack_fast": v["autoattack_fast"],
+                "fid_descent": v["fid_descent"],
+                "fid_sgld": v["fid_sgld"],
+                "met": bool(known and aa_ok and fid_better),
+            }
+        )
+    return rows
+
+
+def goal_markdown(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    lines = [
+        "### The goal: not worse than PGD-AT under autoattack-fast, better on judge-FID",
+        "",
+        "Verdicts of the paired differences variant − pgdat (for FID, 'A lower' is better). "
+        "Met: autoattack-fast not 'A lower' and judge-FID 'A lower' by descent or by SGLD.",
+        "",
+        "| dataset | variant | autoattack-fast | FID descent | FID SGLD | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['variant']} | {r['autoattack_fast']} | {r['fid_descent']} | "
+            f"{r['fid_sgld']} | {'yes' if r['met'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def finished_cells(out: Path) -> list[dict[str, Any]]:
+    """Every finished cell in the study folder (also those of an earlier invocation with
+    another ``--part`` or ``--variants``), in the order datasets, variants, seeds."""
+    order = {v: i for i, v in enumerate([*MAIN, *KNOBS])}
+    datasets = {d: i for i, d in enumerate(FULL)}
+    cells = []
+    for path in sorted((out / "cells").glob("*/*/seed*/cell.json")):
+        record = read_cell(path.parent)
+        if record is not None:
+            cells.append(record)
+    return sorted(
+        cells,
+        key=lambda c: (
+            datasets.get(c["dataset"], len(datasets)),
+            order.get(c["variant"], len(order)),
+            c["variant"],
+            c["seed"],
+        ),
+    )
+
+
+def judge_accuracies(out: Path) -> dict[str, float]:
+    found = {}
+    for path in sorted((out / "judges").glob("*/judge.json")):
+        try:
+            found[path.parent.name] = float(json.loads(path.read_text())["test_accuracy"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def write_summary(
+    out: Path, args: argparse.Namespace, cells: list[dict[str, Any]], judges: dict[str, float]
+) -> dict[str, Any]:
+    """summary.json and README.md over every finished cell in the folder (``cells``, this
+    invocation's, are among them)."""
+    cells = finished_cells(out)
+    judges = {**judge_accuracies(out), **judges}
+    variants = list(dict.fromkeys(c["variant"] for c in cells))
+    pairs = [(v, "pgdat") for v in variants if v.startswith("jeat")]
+    pairs += [(v, "jeat") for v in variants if v.startswith("jeat-")]
+    summary = summarize_study(
+        cells,
+        METRICS,
+        pairs=pairs,
+        difference_metrics=DIFFERENCE_METRICS,
+        commit=git_commit(),
+        budget=args.budget,
+        extra={
+            "commit_dirty": git_dirty(),
+            "part": args.part,
+            "machine": machine(),
+            "judge_accuracy": judges,
+            "attacks": ATTACKS,
+            "eval_mode": "independent",
+        },
+    )
+    summary["goal"] = goal_check(summary)
+    write_json(out / "summary.json", summary)
+    budgets = BUDGETS[args.budget]
+    lines = [
+        "# Study: objectives over seeds",
+        "",
+        "Written by `python benchmarks/study.py "
+        + " ".join(getattr(args, "argv", []))
+        + f"` (budget `{args.budget}`, commit `{summary['commit']}`, {machine()}).",
+        "",
+        "Each entry is the mean over seeds ± the half-width of its 95% t-interval (`n=1`: one "
+        "seed, an anecdote, no interval). Accuracies in % of the test points (robustness: "
+        "L∞ at the dataset's budget, independent mode; worst = the per-point worst case over "
+        "PGD-20 and autoattack-fast). FID / IS / acc: judge-FID, judge-IS and judge accuracy of "
+        "class-conditional samples by seeded descent and by SGLD against the training images "
+        "(judge-based scores, not Inception Score / FID). train s: the sum of the run's epoch "
+        "times on a shared machine.",
+        "",
+        "Judges: "
+        + ", ".join(f"{d} {a:.1f}% test accuracy" for d, a in judges.items())
+        + ". Budgets: "
+        + "; ".join(
+            f"{d}: {' '.join(budgets[d].overrides)}, {budgets[d].per_class * 10} samples per "
+            f"method, eval on {budgets[d].n_eval or 'all'} test points"
+            for d in judges
+        ),
+        "",
+        "A paired difference A − B is computed per seed (both trained with that seed). Its "
+        "verdict is 'A higher' / 'A lower' when the 95% interval excludes zero, else 'no "
+        "difference shown'. For FID lower is better.",
+        "",
+        summary_markdown(summary, COLUMNS),
+        goal_markdown(summary["goal"]),
+    ]
+    with atomic_write(out / "README.md", "w") as fh:
+        fh.write("\n".join(lines))
+    return summary
+
+
+def run_study(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = plan(args)
+    if not cells:
+        raise JeatError("nothing to run: no variant matches --variants for these datasets")
+    budgets = BUDGETS[args.budget]
+    done: list[dict[str, Any]] = []
+    judges: dict[str, float] = {}
+    started = time.time()
+    trained_now = 0
+    by_dataset: dict[str, list[Cell]] = {}
+    for c in cells:
+        by_dataset.setdefault(c.dataset, []).append(c)
+    i = 0
+    for ds, ds_cells in by_dataset.items():
+        b = budgets[ds]
+        data = load_data(ds, b, Path(args.data_dir))
+        judge, judge_acc = judge_for(ds, b, data, out)
+        judges[ds] = judge_acc
+        print(f"== {ds}: {len(data.x_train)} train / {len(data.x_test)} test images; judge "
+              f"{judge_acc:.1f}% ({time.time() - started:.0f} s)", flush=True)  # fmt: skip
+        for cell in ds_cells:
+            i += 1
+            folder = out / cell.run
+            head = f"[{i}/{len(cells)}] {cell.run}"
+            finished = read_cell(folder)
+            if finished is not None:
+                print(f"{head}: done, skipped", flush=True)
+                done.append(finished)
+                continue
+            t0, cpu0 = time.time(), time.process_time()
+            cfg = cell_config(cell, b)
+            try:
+                train_cell(cfg, folder, data)
+            except JeatError as exc:
+                if "training diverged" not in str(exc):
+                    raise
+                # a run that diverged and did not recover is a result, not a crash: the cell
+                # is recorded without numbers and the group summarises the seeds that trained
+                record = failed_cell(cell, str(exc))
+                write_json(folder / "cell.json", record)
+                done.append(record)
+                print(f"{head}: {exc}", flush=True)
+                write_summary(out, args, done, judges)
+                continue
+            record = measure_cell(cell, cfg, folder, data, judge, b)
+            record["config_resolved"] = config_to_dict(cfg)
+            # this invocation's wall and CPU time on the cell (all threads; the CPU time is
+            # the steadier measure on a shared machine)
+            record["cell_seconds"] = time.time() - t0
+            record["cell_cpu_seconds"] = time.process_time() - cpu0
+            write_json(folder / "cell.json", record)  # atomic, last: the cell is finished
+            done.append(record)
+            trained_now += 1
+            m = record["metrics"]
+            elapsed = time.time() - started
+            left = len(cells) - i
+            eta = elapsed / trained_now * left if trained_now else 0.0
+            print(
+                f"{head}: clean {m['clean']:.1f}  pgd20 {m['pgd20']:.1f}  "
+                f"aa {m['autoattack_fast']:.1f}  worst {m['worst_case']:.1f}  "
+                f"fid {m['fid_descent']:.1f}/{m['fid_sgld']:.1f}  train {m['train_seconds']:.0f} s"
+                f"  cell {record['cell_seconds']:.0f} s, CPU {record['cell_cpu_seconds']:.0f} s"
+                f"  (elapsed {elapsed / 60:.1f} min, "
+                f"about {eta / 60:.0f} min left)",
+                flush=True,
+            )
+            write_summary(out, args, done, judges)
+    summary = write_summary(out, args, done, judges)
+    print(f"wrote {out / 'summary.json'} and {out / 'README.md'} "
+          f"({(time.time() - started) / 60:.1f} min)", flush=True)  # fmt: skip
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="the study folder (created; resumed if present)")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="full")
+    p.add_argument("--datasets", default="digits,mnist", help="comma-separated: digits, mnist")
+    p.add_argument("--seeds", type=int, help="seeds per variant (default: 5 digits, 3 mnist)")
+    p.add_argument("--part", choices=["main", "knobs", "all"], default="all")
+    p.add_argument("--variants", help="comma-separated subset of the variants to run")
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    unknown = [d for d in args.datasets if d not in FULL]
+    if unknown:
+        p.error(f"unknown dataset(s) {unknown}; choose from {sorted(FULL)}")
+    if args.seeds is not None and args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    if args.variants:
+        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        known = set(MAIN) | set(KNOBS)
+        bad = [v for v in args.variants if v not in known]
+        if bad:
+            p.error(f"unknown variant(s) {bad}; choose from {sorted(known)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("JEAT_STUDY_THREADS", torch.get_num_threads())))
+    try:
+        run_study(args)
+    except JeatError as exc:
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

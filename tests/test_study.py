@@ -1,0 +1,129 @@
+"""benchmarks/study.py at its smoke budget: the whole pipeline (train, AutoAttack, judge
+scores, statistics) in seconds, the study folder's contract, and resuming after a kill."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from jeat.stats import NO_DIFFERENCE, read_summary
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import study as module
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+ARGS = ["--budget", "smoke", "--datasets", "digits", "--seeds", "2", "--variants", "pgdat,jeat"]
+
+
+def test_study_smoke_writes_the_contract_and_resumes(tmp_path, study, capsys):
+    out = tmp_path / "study"
+    assert study.main(["--out", str(out), *ARGS]) == 0
+    summary = read_summary(out)
+    assert summary["budget"] == "smoke" and summary["kind"] == "jeat-study"
+    assert [(g["dataset"], g["variant"], g["n_seeds"]) for g in summary["groups"]] == [
+        ("digits", "pgdat", 2),
+        ("digits", "jeat", 2),
+    ]
+    for g in summary["groups"]:
+        assert set(g["metrics"]) == set(study.METRICS)
+        for name, m in g["metrics"].items():
+            assert m is not None and m["n"] == 2 and len(m["values"]) == 2, name
+            assert m["low"] <= m["mean"] <= m["high"], name
+        for run in g["runs"]:
+            folder = out / run
+            cell = json.loads((folder / "cell.json").read_text())
+            assert (folder / "model.pt").exists() and (folder / "config.yaml").exists()
+            assert (folder / "eval.json").exists()
+            assert cell["run"] == run and cell["metrics"]["clean"] == pytest.approx(
+                cell["eval"]["attacks"][0]["accuracy"]
+            )
+            assert g["metrics"]["worst_case"]["values"][cell["seed"]] == pytest.approx(
+                cell["metrics"]["worst_case"]
+            )
+            assert cell["metrics"]["worst_case"] <= cell["metrics"]["autoattack_fast"]
+            assert cell["metrics"]["train_seconds"] > 0
+    diffs = {(d["a"], d["b"], d["metric"]): d for d in summary["differences"]}
+    for metric in ("worst_case", "fid_descent", "autoattack_fast"):
+        d = diffs[("jeat", "pgdat", metric)]
+        assert d["dataset"] == "digits" and d["n"] == 2
+        assert d["verdict"] in (NO_DIFFERENCE, "A higher", "A lower")
+        a = next(g for g in summary["groups"] if g["variant"] == "jeat")["metrics"][metric]
+        b = next(g for g in summary["groups"] if g["variant"] == "pgdat")["metrics"][metric]
+        assert d["mean"] == pytest.approx(a["mean"] - b["mean"])
+    (goal,) = summary["goal"]
+    assert goal["dataset"] == "digits" and goal["variant"] == "jeat"
+    assert goal["autoattack_fast"] == diffs[("jeat", "pgdat", "autoattack_fast")]["verdict"]
+    assert goal["met"] == (
+        goal["autoattack_fast"] != "A lower"
+        and "A lower" in (goal["fid_descent"], goal["fid_sgld"])
+    )
+    readme = (out / "README.md").read_text()
+    assert "| jeat | 2 |" in readme and "jeat | pgdat | worst_case" in readme
+
+    # a second call trains nothing: every cell is finished
+    cells = [out / r for g in summary["groups"] for r in g["runs"]]
+    stamps = {c: (c / "model.pt").stat().st_mtime_ns for c in cells}
+    capsys.readouterr()
+    assert study.main(["--out", str(out), *ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done, skipped") == 4
+    assert {c: (c / "model.pt").stat().st_mtime_ns for c in cells} == stamps
+    assert read_summary(out)["groups"] == summary["groups"]
+
+    # killed while measuring (no cell.json): measured again from the trained model
+    (cells[0] / "cell.json").unlink()
+    # killed before the first checkpoint: the folder is restarted
+    shutil.rmtree(cells[1])
+    cells[1].mkdir(parents=True)
+    (cells[1] / "config.yaml").write_text("half-written\n")
+    capsys.readouterr()
+    assert study.main(["--out", str(out), *ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done, skipped") == 2
+    assert (cells[0] / "model.pt").stat().st_mtime_ns == stamps[cells[0]]
+    assert (cells[1] / "model.pt").exists() and (cells[1] / "cell.json").exists()
+    again = read_summary(out)
+    # the same seeds give the same model and the same numbers
+    before = {g["variant"]: g["metrics"]["clean"]["values"] for g in summary["groups"]}
+    assert {g["variant"]: g["metrics"]["clean"]["values"] for g in again["groups"]} == before
+
+    # an invocation that plans fewer cells still summarises every finished cell of the folder
+    subset = [*ARGS[:-1], "pgdat"]
+    assert study.main(["--out", str(out), *subset]) == 0
+    assert [g["variant"] for g in read_summary(out)["groups"]] == ["pgdat", "jeat"]
+
+
+def test_study_plans_the_issue_cells(study):
+    args = study.parse_args(["--out", "x"])
+    cells = study.plan(args)
+    count = {}
+    for c in cells:
+        count[(c.dataset, c.variant)] = count.get((c.dataset, c.variant), 0) + 1
+    assert count[("digits", "jeat")] == 5 and count[("mnist", "jeat")] == 3
+    assert count[("mnist", "jeat-proximal")] == 3 and ("digits", "jeat-proximal") not in count
+    published = next(c for c in cells if c.variant == "jeat-published")
+    cfg = study.cell_config(published, study.FULL[published.dataset])
+    o = cfg.objective.options
+    assert cfg.objective.name == "jeat" and o["energy_weight"] == 1.0
+    assert o["buffer_init"] == "uniform" and o["sgld_steps"] == 20 and o["data_term"] == "adv"
+    warm = next(c for c in cells if c.variant == "jeat-lambda1-warmup")
+    assert (
+        study.cell_config(warm, study.FULL["mnist"]).objective.options["energy_weight_warmup_steps"]
+        == study.FULL["mnist"].warmup_steps
+    )
+    knobs = study.plan(study.parse_args(["--out", "x", "--part", "knobs"]))
+    assert {c.dataset for c in knobs} == {"mnist"}
+    assert {"pgdat", "jeat", "jeat-sgld10"} <= {c.variant for c in knobs}
