@@ -52,7 +52,7 @@ ROWS: dict[str, tuple[str, str | None, str, bool, str]] = {
     "input quantisation": ("standard", "quantize:levels=4", NAIVE, False, "zoo"),
     "softmax output": ("standard", "softmax", NAIVE, False, "zoo"),
     "noise injection": ("standard", "noise:sigma=0.1", NAIVE, True, "zoo"),
-    "SGLD purification, detached": ("standard", "purify:steps=10", NAIVE, True, "zoo"),
+    "SGLD purification (detached)": ("standard", "purify:steps=10", NAIVE, True, "zoo"),
     "gradient-zeroing layer": ("standard", "zero-grad", NAIVE, False, "zoo"),
     "too-weak attack (2 steps of 0.001)": (
         "standard",

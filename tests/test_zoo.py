@@ -1,0 +1,78 @@
+"""The zoo of broken defences on digits: each raises the indicator that fits, and ``fix``
+brings its accuracy down to what the strongest attack finds; the honest robust models raise
+nothing. (The full-size table is ``benchmarks/diagnose_zoo.py``; docs/evaluation.md.)"""
+
+import pytest
+from conftest import train_digits
+
+from jeat.attacks import LinfBall
+from jeat.defences import wrap
+from jeat.diagnose import diagnose, fix
+from jeat.evaluate import evaluate
+
+N = 120
+NAIVE = "clean,fgsm,pgd20"
+THREAT = LinfBall(0.2)
+
+
+def _points(digits):
+    return digits.x_test[:N], digits.y_test[:N]
+
+
+def _diagnose_and_fix(model, digits, table=NAIVE, **kw):
+    x, y = _points(digits)
+    naive, dg = diagnose(model, x, y, table, THREAT, probe=64)
+    fixed, extra = fix(model, x, y, table, THREAT, dg, naive, **kw)
+    print(naive.table(), dg.table(), fixed.table(), sep="\n")
+    return naive, dg, fixed, extra
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("quantize:levels=4", {"zero-gradients", "zero-gradients-at-start"}),
+        ("zero-grad", {"zero-gradients", "zero-gradients-at-start"}),
+        ("softmax", {"probabilities"}),
+        ("noise:sigma=0.1", {"randomised", "silent-success"}),
+    ],
+)
+def test_a_gradient_hiding_wrapper_is_caught_and_fixed(digits, standard_model, spec, expected):
+    model = wrap(standard_model, spec)
+    naive, dg, fixed, extra = _diagnose_and_fix(model, digits)
+    assert expected <= set(dg.raised())
+    assert extra, "the remedies ran"
+    x, y = _points(digits)
+    # what the undefended standard model keeps under the same remedied attack
+    standard = evaluate(standard_model, x, y, ["clean", extra[0]], THREAT).robust_accuracy
+    assert fixed.robust_accuracy <= standard + 5
+    if spec != "softmax":  # the softmax model hides nothing from signed PGD on these digits
+        assert naive.robust_accuracy >= fixed.robust_accuracy + 10
+
+
+def test_detached_purification_is_caught_and_bpda_eot_breaks_most_of_it(digits, standard_model):
+    model = wrap(standard_model, "purify:steps=2")
+    naive, dg, fixed, extra = _diagnose_and_fix(model, digits, remedies=["bpda", "eot"])
+    assert {"zero-gradients", "dynamic", "randomised"} <= set(dg.raised())
+    assert "bpda=1" in extra[0] and "eot=20" in extra[0]
+    assert naive.robust_accuracy >= 80
+    assert fixed.robust_accuracy <= naive.robust_accuracy - 30
+
+
+def test_kwta_is_caught_and_the_fix_reaches_autoattack(tmp_path, digits):
+    model = train_digits(tmp_path, "pgd-at", extra=["model.options.activation=kwta-0.1"])
+    naive, dg, fixed, extra = _diagnose_and_fix(model, digits)
+    assert dg.raised(), "k-WTA's masked gradients raise an indicator"
+    assert "bpda=1" in extra[0] and "autoattack-fast" in extra
+    x, y = _points(digits)
+    aa = evaluate(model, x, y, "clean,autoattack-fast", THREAT).robust_accuracy
+    assert fixed.robust_accuracy <= aa + 5
+    assert fixed.robust_accuracy <= naive.robust_accuracy - 15
+
+
+@pytest.mark.parametrize("objective", ["pgd-at", "trades", "jeat"])
+def test_honest_robust_models_raise_nothing(tmp_path, digits, objective):
+    model = train_digits(tmp_path, objective)
+    x, y = _points(digits)
+    _, dg = diagnose(model, x, y, "clean,fgsm,pgd20,autoattack-fast", THREAT, probe=64)
+    print(dg.table())
+    assert dg.raised() == []
