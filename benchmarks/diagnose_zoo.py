@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import markdown_table, train_or_reuse
+from common import LEAN_OVERRIDES, markdown_table, train_or_reuse
 
 from jeat.attacks import LinfBall
 from jeat.config import load_config
@@ -36,14 +36,6 @@ from jeat.diagnose import diagnose, fix
 from jeat.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-LEAN = [
-    "final_eval=false",
-    "final_samples=false",
-    "final_analysis=false",
-    "final_scores=false",
-    "final_report=false",
-    "progress=false",
-]
 NAIVE = "clean,fgsm,pgd20"
 MAIN_TABLE = "clean,fgsm,pgd20,autoattack-fast"
 # row -> (base model, defence spec or None, table, randomised, kind)
@@ -96,7 +88,7 @@ def main() -> None:
 
     def model_of(name: str) -> torch.nn.Module:
         if name not in models:
-            cfg = load_config(f"digits-{name}", LEAN)
+            cfg = load_config(f"digits-{name}", LEAN_OVERRIDES)
             models[name] = train_or_reuse(cfg, Path(args.work) / name, data)[0].eval()
         return models[name]
 

@@ -16,22 +16,21 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import interleaved, machine, paired_ratio, ratio_text, train_or_reuse, write_outputs
+from common import (
+    LEAN_OVERRIDES,
+    interleaved,
+    machine,
+    paired_ratio,
+    ratio_text,
+    train_or_reuse,
+    write_outputs,
+)
 
 from jeat.attacks import LinfBall
 from jeat.config import load_config
 from jeat.data import load_dataset
 from jeat.diagnose import point_indicators
 from jeat.evaluate import evaluate
-
-LEAN = [
-    "final_eval=false",
-    "final_samples=false",
-    "final_analysis=false",
-    "final_scores=false",
-    "final_report=false",
-    "progress=false",
-]
 
 
 def main() -> None:
@@ -45,7 +44,7 @@ def main() -> None:
     x, y = data.x_test[: args.n], data.y_test[: args.n]
     threat = LinfBall(0.2)
     folder = Path(args.work or tempfile.mkdtemp(prefix="jeat-trace-")) / "pgdat"
-    model = train_or_reuse(load_config("digits-pgdat", LEAN), folder, data)[0].eval()
+    model = train_or_reuse(load_config("digits-pgdat", LEAN_OVERRIDES), folder, data)[0].eval()
     device = torch.device("cpu")
 
     def plain() -> None:
