@@ -143,7 +143,8 @@ _STEPPED = {"pgd": 20, "cw": 30, "dlr": 100}
 _COMMON = {"eps": None, "norm": None}
 _OPTIONS: dict[str, dict[str, Any]] = {
     "clean": {},
-    # bpda=1: differentiate k-WTA layers as ReLUs (the adaptive attack on k-WTA)
+    # bpda=1: differentiate k-WTA layers as ReLUs and non-differentiable defences as the
+    # identity (BPDA: the adaptive attack on masked gradients)
     # eot=K: average K forward-backward passes per step (randomised models);
     # log_outputs=1: attack the log of the outputs (a model that returns probabilities)
     "fgsm": {"loss": "ce", "bpda": 0, "eot": 1, "log_outputs": 0},

@@ -435,9 +435,11 @@ class MultiTargeted:
 
 @dataclass
 class BPDA:
-    """Run ``attack`` with every k-WTA layer differentiated as a ReLU (Backward Pass
-    Differentiable Approximation, Athalye et al. 2018): the adaptive attack for k-WTA's
-    masked gradients. The model's forward pass, and so the attack's success test, is unchanged.
+    """Run ``attack`` under :func:`jeat.models.bpda` (Backward Pass Differentiable
+    Approximation, Athalye et al. 2018): every k-WTA layer is differentiated as a ReLU and every
+    test-time defence of :mod:`jeat.defences` with a non-differentiable step as the identity.
+    The adaptive attack for masked gradients; the model's forward pass, and so the attack's
+    success test, is unchanged.
     """
 
     attack: PGD | MultiTargeted
