@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import ROOT, machine, quiet_stdout
+from common import LEAN_OVERRIDES, ROOT, machine, quiet_stdout
 
 from jeat.config import TrainConfig, config_to_dict, load_config
 from jeat.data import ImageDataset, load_dataset
@@ -248,18 +248,8 @@ SMOKE = {
     ),
 }
 BUDGETS = {"full": FULL, "smoke": SMOKE}
-LEAN = [
-    "progress=false",
-    "final_eval=false",
-    "final_samples=false",
-    "final_analysis=false",
-    "final_scores=false",
-    "final_report=false",
-    "eval.epoch_n=0",
-    "eval.curve=null",
-    "eval.mode=independent",
-    "tensorboard=false",
-]
+# lean runs (no final steps), evaluated by the study itself in independent mode
+LEAN = [*LEAN_OVERRIDES, "eval.curve=null", "eval.mode=independent"]
 
 
 @dataclass

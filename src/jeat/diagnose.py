@@ -470,15 +470,11 @@ def _square_check(
         )
     if result.robust is None or not white:
         return ModelCheck("square-beats-white-box", False, "no white-box row to compare with")
-    idx = result.robust.nonzero().squeeze(1)[:probe]
+    probe_attack = f"square:n_queries={SQUARE_QUERIES}"
+    idx, hit = _probe(model, x, y, result.robust, probe_attack, threat, probe, seed, batch_size)
     if len(idx) == 0:
         return ModelCheck("square-beats-white-box", False, "no point survived the table")
-    probe_attack = f"square:n_queries={SQUARE_QUERIES}"
-    sq = evaluate(
-        model, x[idx], y[idx], [probe_attack], threat, batch_size=batch_size, seed=seed,
-        mode="cascade",
-    )  # fmt: skip
-    broken = sq.rows[-1].broken
+    broken = int(hit.sum())
     pct = 100.0 * broken / n
     return ModelCheck(
         "square-beats-white-box",
@@ -522,19 +518,35 @@ def _bad_init_probe(
     spec = result.specs[name]
     if not spec.options.get("random_start", True):
         return None, broken, 0
-    idx = result.robust.nonzero().squeeze(1)[:probe]
-    if len(idx) == 0:
-        return name, broken, 0
     head, *opts = spec.label.split(":")
     opts = [o for o in opts if o.partition("=")[0].strip() != "restarts"]
     label = ":".join([head, *opts, "restarts=3"])
+    idx, hit = _probe(model, x, y, result.robust, label, threat, probe, seed + 1, batch_size)
+    broken[idx] = hit
+    return name, broken, len(idx)
+
+
+def _probe(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    robust: Tensor,
+    attack: str,
+    threat: ThreatModel,
+    probe: int,
+    seed: int,
+    batch_size: int,
+) -> tuple[Tensor, Tensor]:
+    """Run ``attack`` alone on up to ``probe`` of the points that survived the table; their
+    indices and which of them it broke."""
+    idx = robust.nonzero().squeeze(1)[:probe]
+    if len(idx) == 0:
+        return idx, torch.zeros(0, dtype=torch.bool)
     res = evaluate(
-        model, x[idx], y[idx], [label], threat, batch_size=batch_size, seed=seed + 1,
+        model, x[idx], y[idx], [attack], threat, batch_size=batch_size, seed=seed,
         mode="cascade", order="given",
     )  # fmt: skip
-    outcome = res.outcomes[res.rows[-1].attack]
-    broken[idx] = outcome == 0
-    return name, broken, len(idx)
+    return idx, res.outcomes[res.rows[-1].attack] == 0
 
 
 def diagnose(
