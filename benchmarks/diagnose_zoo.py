@@ -45,6 +45,15 @@ ROWS: dict[str, tuple[str, str | None, str, bool, str]] = {
     "softmax output": ("standard", "softmax", NAIVE, False, "zoo"),
     "noise injection": ("standard", "noise:sigma=0.1", NAIVE, True, "zoo"),
     "SGLD purification (detached)": ("standard", "purify:steps=10", NAIVE, True, "zoo"),
+    # the same defence (the same forward pass), attacked through its unrolled chain: the
+    # adaptive attack the literature asks for, against which the BPDA + EOT fix is measured
+    "SGLD purification (unrolled chain)": (
+        "standard",
+        "purify:steps=10:differentiable=1",
+        "clean,fgsm,pgd20",
+        True,
+        "adaptive",
+    ),
     "gradient-zeroing layer": ("standard", "zero-grad", NAIVE, False, "zoo"),
     "too-weak attack (2 steps of 0.001)": (
         "standard",

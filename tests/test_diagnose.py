@@ -61,3 +61,17 @@ def test_bad_diagnosis_input_is_one_line_and_exit_2(tmp_path, standard_run):
               "unknown remedy 'magic'")  # fmt: skip
     cli_fails(["eval", run, "--indicators", "incomplete"], tmp_path, "add --diagnose")
     cli_fails(["eval", run, "--attacks", "clean,pgd5:eot=0"], tmp_path, "eot must be >= 1")
+
+
+def test_eot_is_a_remedy_only_for_a_model_that_is_not_known_deterministic():
+    from jeat.diagnose import Diagnosis, ModelCheck, RowDiagnosis
+
+    row = RowDiagnosis("pgd20", 50, {"unstable": 40.0}, ["unstable"])
+
+    def diagnosis(randomised: bool | None) -> Diagnosis:
+        checks = [] if randomised is None else [ModelCheck("randomised", randomised, "")]
+        return Diagnosis([row], checks, threshold=20.0)
+
+    assert diagnosis(False).remedies() == ["bpda"]  # 5 identical passes agreed
+    assert diagnosis(True).remedies() == ["eot", "bpda", "aa-rand"]
+    assert diagnosis(None).remedies() == ["eot", "bpda"]  # the check did not run

@@ -220,11 +220,17 @@ class Diagnosis:
         names = {n for r in self.rows for n in r.raised} | {c.name for c in self.checks if c.raised}
         return [n for n in INDICATORS if n in names]
 
+    def deterministic(self) -> bool:
+        """AutoAttack's randomised check ran and identical passes agreed."""
+        return any(c.name == "randomised" and not c.raised for c in self.checks)
+
     def remedies(self) -> list[str]:
+        """The remedies of the raised indicators, in the order of the indicators. EOT is left
+        out for a deterministic model: averaging identical passes only multiplies the cost."""
         out: list[str] = []
         for name in self.raised():
             for r in INDICATORS[name].remedies:
-                if r not in out:
+                if r not in out and not (r == "eot" and self.deterministic()):
                     out.append(r)
         return out
 
