@@ -113,17 +113,15 @@ def test_study_plans_the_issue_cells(study):
     for c in cells:
         count[(c.dataset, c.variant)] = count.get((c.dataset, c.variant), 0) + 1
     assert count[("digits", "jeat")] == 5 and count[("mnist", "jeat")] == 3
-    assert count[("mnist", "jeat-proximal")] == 3 and ("digits", "jeat-proximal") not in count
+    assert count[("digits", "jeat-proximal")] == 3 and ("mnist", "jeat-proximal") not in count
     published = next(c for c in cells if c.variant == "jeat-published")
     cfg = study.cell_config(published, study.FULL[published.dataset])
     o = cfg.objective.options
     assert cfg.objective.name == "jeat" and o["energy_weight"] == 1.0
     assert o["buffer_init"] == "uniform" and o["sgld_steps"] == 20 and o["data_term"] == "adv"
     warm = next(c for c in cells if c.variant == "jeat-lambda1-warmup")
-    assert (
-        study.cell_config(warm, study.FULL["mnist"]).objective.options["energy_weight_warmup_steps"]
-        == study.FULL["mnist"].warmup_steps
-    )
+    warm_options = study.cell_config(warm, study.FULL["digits"]).objective.options
+    assert warm_options["energy_weight_warmup_steps"] == study.FULL["digits"].warmup_steps
     knobs = study.plan(study.parse_args(["--out", "x", "--part", "knobs"]))
-    assert {c.dataset for c in knobs} == {"mnist"}
+    assert {c.dataset for c in knobs} == {"digits"}
     assert {"pgdat", "jeat", "jeat-sgld10"} <= {c.variant for c in knobs}
