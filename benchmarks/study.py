@@ -460,9 +460,12 @@ def goal_check(summary: dict[str, Any]) -> list[dict[str, Any]]:
     below zero) and better on judge-FID (the interval of the FID difference lies below zero,
     by descent or by SGLD)."""
     verdicts: dict[tuple[str, str], dict[str, str]] = {}
+    aa: dict[tuple[str, str], dict[str, Any]] = {}
     for d in summary["differences"]:
         if d["b"] == "pgdat":
             verdicts.setdefault((d["dataset"], d["a"]), {})[d["metric"]] = d["verdict"]
+            if d["metric"] == "autoattack_fast":
+                aa[(d["dataset"], d["a"])] = d
     rows = []
     for (dataset, variant), v in verdicts.items():
         if not {"autoattack_fast", "fid_descent", "fid_sgld"} <= set(v):
@@ -470,17 +473,27 @@ def goal_check(summary: dict[str, Any]) -> list[dict[str, Any]]:
         known = all(x in (NO_DIFFERENCE, "A higher", "A lower") for x in v.values())
         aa_ok = v["autoattack_fast"] != "A lower"
         fid_better = [m for m in ("fid_descent", "fid_sgld") if v[m] == "A lower"]
+        d = aa[(dataset, variant)]
         rows.append(
             {
                 "dataset": dataset,
                 "variant": variant,
                 "autoattack_fast": v["autoattack_fast"],
+                # the AutoAttack difference itself: "not shown worse" is not "shown not worse";
+                # the interval's low end is how much worse the data still allow
+                "autoattack_fast_difference": {k: d[k] for k in ("mean", "low", "high", "n")},
                 "fid_descent": v["fid_descent"],
                 "fid_sgld": v["fid_sgld"],
                 "met": bool(known and aa_ok and fid_better),
             }
         )
     return rows
+
+
+def _difference_text(d: dict[str, Any]) -> str:
+    if d["low"] is None:
+        return f"{d['mean']:+.1f} (n={d['n']})"
+    return f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}] (n={d['n']})"
 
 
 def goal_markdown(rows: list[dict[str, Any]]) -> str:
@@ -490,14 +503,19 @@ def goal_markdown(rows: list[dict[str, Any]]) -> str:
         "### The goal: not worse than PGD-AT under autoattack-fast, better on judge-FID",
         "",
         "Verdicts of the paired differences variant − pgdat (for FID, 'A lower' is better). "
-        "Met: autoattack-fast not 'A lower' and judge-FID 'A lower' by descent or by SGLD.",
+        "Met: autoattack-fast not 'A lower' and judge-FID 'A lower' by descent or by SGLD. "
+        "'Not lower' means the data do not show it worse, not that they show it as robust: the "
+        "AA-fast difference column gives the mean and 95% interval in points; its low end is "
+        "how much worse the variant may still be.",
         "",
-        "| dataset | variant | autoattack-fast | FID descent | FID SGLD | met |",
-        "|---|---|---|---|---|---|",
+        "| dataset | variant | autoattack-fast | AA-fast difference | FID descent | FID SGLD "
+        "| met |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['dataset']} | {r['variant']} | {r['autoattack_fast']} | {r['fid_descent']} | "
+            f"| {r['dataset']} | {r['variant']} | {r['autoattack_fast']} | "
+            f"{_difference_text(r['autoattack_fast_difference'])} | {r['fid_descent']} | "
             f"{r['fid_sgld']} | {'yes' if r['met'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"

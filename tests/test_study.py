@@ -66,6 +66,8 @@ def test_study_smoke_writes_the_contract_and_resumes(tmp_path, study, capsys):
     (goal,) = summary["goal"]
     assert goal["dataset"] == "digits" and goal["variant"] == "jeat"
     assert goal["autoattack_fast"] == diffs[("jeat", "pgdat", "autoattack_fast")]["verdict"]
+    aa = diffs[("jeat", "pgdat", "autoattack_fast")]
+    assert goal["autoattack_fast_difference"] == {k: aa[k] for k in ("mean", "low", "high", "n")}
     assert goal["met"] == (
         goal["autoattack_fast"] != "A lower"
         and "A lower" in (goal["fid_descent"], goal["fid_sgld"])
