@@ -47,10 +47,11 @@ ROWS: dict[str, tuple[str, str | None, str, bool, str]] = {
     "SGLD purification (detached)": ("standard", "purify:steps=10", NAIVE, True, "zoo"),
     # the same defence (the same forward pass), attacked through its unrolled chain: the
     # adaptive attack the literature asks for, against which the BPDA + EOT fix is measured
+    # (only the table runs: the gradient of every step is second order, 10 SGLD steps deep)
     "SGLD purification (unrolled chain)": (
         "standard",
         "purify:steps=10:differentiable=1",
-        "clean,fgsm,pgd20",
+        "clean,pgd20:eot=5",
         True,
         "adaptive",
     ),
@@ -108,6 +109,19 @@ def main() -> None:
             continue
         base, spec, table, randomised, kind = ROWS[row]
         model = wrap(model_of(base), spec) if spec else model_of(base)
+        if kind == "adaptive":
+            t0 = time.perf_counter()
+            plain = evaluate(model, x, y, table, threat)
+            print(plain.table(), flush=True)
+            results["rows"][row] = {
+                "kind": kind, "defence": spec, "table": table,
+                "naive_pgd20": plain.robust_accuracy, "naive_worst": plain.robust_accuracy,
+                "raised": [], "remedies": [], "fix_attacks": [], "fixed_worst": None,
+                "autoattack": None, "autoattack_attack": None, "standard_under_fix": None,
+                "seconds": {"table": time.perf_counter() - t0},
+            }  # fmt: skip
+            res_path.write_text(json.dumps(results, indent=2) + "\n")
+            continue
         t0 = time.perf_counter()
         naive, dg = diagnose(model, x, y, table, threat)
         t_diag = time.perf_counter() - t0
@@ -150,6 +164,12 @@ def write_table(results: dict[str, Any], out: Path) -> None:
     rows = []
     for name, r in results["rows"].items():
         ref = r["standard_under_fix"]
+        if r["kind"] == "adaptive":
+            rows.append(
+                [name, f"{r['naive_pgd20']:.1f} ({r['table'].split(',')[-1]})",
+                 "(not diagnosed: the adaptive attack itself)", "-", "-", "-"]
+            )  # fmt: skip
+            continue
         rows.append(
             [
                 name,
