@@ -37,7 +37,10 @@ images, 300 points, 30 steps) 331 s wall / 327 s CPU (train 189 s, AutoAttack-fa
 generation 82 s) at load 6. Against the idle reference of the same digits AutoAttack-fast run
 (29 s, ``benchmarks/results/default_table``) the load factor at those times was 2.3 or more;
 scaled by it, with the step costs of ``benchmarks/results/compare_objectives``, the budgets
-above come to an estimated 100 minutes on an idle 2-core CPU (uncertain by about 30%).
+above came to an estimated 100 minutes on an idle 2-core CPU (uncertain by about 30%). The
+full run (``benchmarks/results/study``, the MNIST budget below and the knobs on digits) took
+92 minutes of wall time as two single-thread processes side by side (173 single-thread
+minutes of cells).
 ``--part main`` and ``--part knobs`` can run as separate invocations into the same folder.
 
 Usage::
@@ -163,8 +166,8 @@ class Budget:
     judge_overrides: list[str] = field(default_factory=list)
 
 
-# Full budgets: chosen so that main (both datasets) + knobs fit in about 110 minutes on a
-# 2-core CPU (the module docstring gives the measured cell times and the estimate).
+# Full budgets: chosen so that main (both datasets) + knobs fit in 2 hours on a 2-core CPU
+# (measured: 92 minutes; the module docstring gives the cell times).
 FULL = {
     "digits": Budget(
         "digits",
