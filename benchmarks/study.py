@@ -462,21 +462,19 @@ def goal_check(summary: dict[str, Any]) -> list[dict[str, Any]]:
     autoattack-fast at 95% confidence (the interval of the paired difference does not lie
     below zero) and better on judge-FID (the interval of the FID difference lies below zero,
     by descent or by SGLD)."""
-    verdicts: dict[tuple[str, str], dict[str, str]] = {}
-    aa: dict[tuple[str, str], dict[str, Any]] = {}
+    against: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}  # (dataset, a) -> metric
     for d in summary["differences"]:
         if d["b"] == "pgdat":
-            verdicts.setdefault((d["dataset"], d["a"]), {})[d["metric"]] = d["verdict"]
-            if d["metric"] == "autoattack_fast":
-                aa[(d["dataset"], d["a"])] = d
+            against.setdefault((d["dataset"], d["a"]), {})[d["metric"]] = d
     rows = []
-    for (dataset, variant), v in verdicts.items():
-        if not {"autoattack_fast", "fid_descent", "fid_sgld"} <= set(v):
+    for (dataset, variant), diffs in against.items():
+        if not {"autoattack_fast", "fid_descent", "fid_sgld"} <= set(diffs):
             continue
+        v = {m: d["verdict"] for m, d in diffs.items()}
         known = all(x in (NO_DIFFERENCE, "A higher", "A lower") for x in v.values())
         aa_ok = v["autoattack_fast"] != "A lower"
         fid_better = [m for m in ("fid_descent", "fid_sgld") if v[m] == "A lower"]
-        d = aa[(dataset, variant)]
+        d = diffs["autoattack_fast"]
         rows.append(
             {
                 "dataset": dataset,

@@ -227,10 +227,11 @@ class Diagnosis:
     def remedies(self) -> list[str]:
         """The remedies of the raised indicators, in the order of the indicators. EOT is left
         out for a deterministic model: averaging identical passes only multiplies the cost."""
+        skip = {"eot"} if self.deterministic() else set()
         out: list[str] = []
         for name in self.raised():
             for r in INDICATORS[name].remedies:
-                if r not in out and not (r == "eot" and self.deterministic()):
+                if r not in out and r not in skip:
                     out.append(r)
         return out
 
