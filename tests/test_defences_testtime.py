@@ -25,7 +25,7 @@ from jeat.defences import (
 )
 from jeat.energy import cross_entropy_from_logits, marginal_energy_from_logits
 from jeat.evaluate import evaluate
-from jeat.models import KWTA, bpda, create_model
+from jeat.models import KWTA, bpda, create_model, has_unrollable, unrolled
 
 
 @pytest.fixture
@@ -174,12 +174,37 @@ def test_noise_and_the_unrolled_purifier_are_differentiable(net):
     torch.manual_seed(0)
     g_unrolled = _input_grad(unrolled, x, y)
     assert torch.isfinite(g_unrolled).all() and g_unrolled.abs().sum() > 0
-    with bpda(unrolled):  # BPDA replaces the unrolled chain by the identity backward
+    with bpda(unrolled):  # the unrolled chain is the true gradient: it wins over BPDA
         torch.manual_seed(0)
-        g_bpda = _input_grad(unrolled, x, y)
+        assert torch.allclose(_input_grad(unrolled, x, y), g_unrolled)
+    detached = Purify(net, steps=3)
+    with bpda(detached):  # BPDA: the identity backward through the detached chain
+        torch.manual_seed(0)
+        g_bpda = _input_grad(detached, x, y)
     torch.manual_seed(0)
-    assert torch.allclose(g_bpda, _input_grad(net, unrolled.preprocess(x), y), atol=1e-6)
+    assert torch.allclose(g_bpda, _input_grad(net, detached.preprocess(x), y), atol=1e-6)
     assert not torch.allclose(g_bpda, g_unrolled, atol=1e-6)
+
+
+def test_unrolled_switches_every_purifier_for_the_block_only(net):
+    x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
+    stack = wrap(net, "purify:steps=2,noise:sigma=0.05,purify:steps=3")
+    purifiers = [m for m in stack.modules() if isinstance(m, Purify)]
+    assert len(purifiers) == 2 and has_unrollable(stack) and not has_unrollable(net)
+    torch.manual_seed(0)
+    assert _input_grad(stack, x, y).abs().sum() == 0  # detached chains: zero gradient
+    with unrolled(stack):
+        assert all(p.differentiable for p in purifiers)
+        torch.manual_seed(0)
+        g = _input_grad(stack, x, y)
+    assert not any(p.differentiable for p in purifiers)
+    # the same gradient as the stack built with unrolled chains, on the same random draws
+    torch.manual_seed(0)
+    expected = _input_grad(
+        wrap(net, "purify:steps=2:differentiable=1,noise:sigma=0.05,"
+             "purify:steps=3:differentiable=1"), x, y
+    )  # fmt: skip
+    assert g.abs().sum() > 0 and torch.allclose(g, expected)
 
 
 def test_bpda_switches_every_wrapper_of_a_stack_and_kwta_layers():

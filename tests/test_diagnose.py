@@ -75,3 +75,25 @@ def test_eot_is_a_remedy_only_for_a_model_that_is_not_known_deterministic():
     assert diagnosis(False).remedies() == ["bpda"]  # 5 identical passes agreed
     assert diagnosis(True).remedies() == ["eot", "bpda", "aa-rand"]
     assert diagnosis(None).remedies() == ["eot", "bpda"]  # the check did not run
+
+
+def test_unroll_is_a_remedy_only_for_a_model_with_a_purifier():
+    from jeat.attacks import LinfBall
+    from jeat.diagnose import Diagnosis, ModelCheck, RowDiagnosis, remedy_attacks
+
+    row = RowDiagnosis("pgd20", 50, {"zero-gradients": 90.0}, ["zero-gradients"])
+    checks = [ModelCheck("randomised", True, ""), ModelCheck("dynamic", True, "")]
+    purified = Diagnosis([row], checks, threshold=20.0, unrollable=True)
+    assert purified.remedies() == ["unroll", "bpda", "eot", "aa-rand"]
+    assert "unroll, bpda" in purified.table()
+    quantised = Diagnosis([row], checks[:1], threshold=20.0)  # no purifier: BPDA only
+    assert quantised.remedies() == ["bpda", "eot", "aa-rand"]
+    assert "unroll" not in quantised.table()
+
+    class _Table:  # remedy_attacks reads only the table's PGD rows and AutoAttack rows
+        specs: dict = {}
+        rows: list = []
+        traces: dict = {}
+
+    attacks = remedy_attacks(_Table(), purified.remedies(), LinfBall(0.2))
+    assert attacks == ["pgd20:eot=20:unroll=1:bpda=1", "autoattack:version=rand"]

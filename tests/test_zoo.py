@@ -54,13 +54,29 @@ def test_a_gradient_hiding_wrapper_is_caught_and_fixed(
         assert naive.robust_accuracy >= fixed.robust_accuracy + margin
 
 
-def test_detached_purification_is_caught_and_bpda_eot_breaks_most_of_it(digits, standard_model):
+def test_detached_purification_is_caught_and_unrolling_its_chain_breaks_it(digits, standard_model):
     model = wrap(standard_model, "purify:steps=2")
-    naive, dg, fixed, extra = _diagnose_and_fix(model, digits, remedies=["bpda", "eot"])
+    x, y = _points(digits)
+    naive, dg = diagnose(model, x, y, NAIVE, THREAT, probe=64)
+    print(naive.table(), dg.table(), sep="\n")
     assert {"zero-gradients", "dynamic", "randomised"} <= set(dg.raised())
-    assert "bpda=1" in extra[0] and "eot=20" in extra[0]
+    remedies = dg.remedies()
+    assert remedies.index("unroll") < remedies.index("bpda")  # the true gradient first
     assert naive.robust_accuracy >= 80
-    assert fixed.robust_accuracy <= naive.robust_accuracy - 30
+    # BPDA + EOT (the identity backward through the chain) breaks most of it ...
+    bpda_fixed, extra = fix(model, x, y, NAIVE, THREAT, dg, naive, remedies=["bpda", "eot"])
+    assert "bpda=1" in extra[0] and "eot=20" in extra[0]
+    assert bpda_fixed.robust_accuracy <= naive.robust_accuracy - 30
+    # ... and the unrolled chain (the remedies fix picks, but AutoAttack rand) breaks more:
+    # within 5 points of the adaptive attack on the defence built with a differentiable chain
+    everything_but_aa = [r for r in remedies if r != "aa-rand"]
+    fixed, extra = fix(model, x, y, NAIVE, THREAT, dg, naive, remedies=everything_but_aa)
+    print(fixed.table())
+    assert "unroll=1" in extra[0]
+    adaptive = wrap(standard_model, "purify:steps=2:differentiable=1")
+    strongest = evaluate(adaptive, x, y, "clean,pgd20:eot=20", THREAT).robust_accuracy
+    assert fixed.robust_accuracy <= strongest + 5
+    assert fixed.robust_accuracy <= bpda_fixed.robust_accuracy - 5
 
 
 def test_kwta_is_caught_and_the_fix_reaches_autoattack(tmp_path, digits):

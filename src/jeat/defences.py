@@ -181,12 +181,15 @@ class Purify(Defence):
     chain has no graph to the input; the input gradient is exactly zero (see the module notes),
     so evaluate it with BPDA (``bpda``: identity backward through the purifier) and EOT.
     ``differentiable=True`` unrolls the chain: the gradient flows through every SGLD step
-    (second-order, ``create_graph``), at about ``steps`` times the memory.
+    (second-order, ``create_graph``), at about ``steps`` times the memory. The unrolled chain
+    is the true gradient, so it takes precedence over ``bpda``; :func:`jeat.models.unrolled`
+    (the attack option ``unroll=1``) switches it on for the length of an attack.
     """
 
     kind = "purify"
     randomised = True
     bpda_capable = True
+    unrollable: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -226,7 +229,7 @@ class Purify(Defence):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.differentiable and not self.bpda and x.requires_grad and torch.is_grad_enabled():
+        if self.differentiable and x.requires_grad and torch.is_grad_enabled():
             return self.model(self._unrolled(x))
         pure = self.preprocess(x)
         return self.model(_straight_through(x, pure) if self.bpda else _hidden(x, pure))

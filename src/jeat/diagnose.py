@@ -30,9 +30,11 @@ flips with Square's random search) and **dynamic** (the forward pass itself
 calls autograd).
 
 Every indicator names its remedies (:data:`REMEDIES`); :func:`fix` runs the table again with
-one attack that applies all of them (more steps, a default step size, restarts, EOT, BPDA,
-log outputs), then AutoAttack's ``rand`` version when the model is randomised, or
-``autoattack-fast`` when the table had no AutoAttack row.
+one attack that applies all of them (more steps, a default step size, restarts, EOT, the
+unrolled chain of a purifier, BPDA, log outputs), then AutoAttack's ``rand`` version when the
+model is randomised, or ``autoattack-fast`` when the table had no AutoAttack row. Remedies that
+cannot change a model's evaluation are left out: EOT when AutoAttack's check finds the model
+deterministic, ``unroll`` when it has no purifier.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from jeat.evaluate import (
     model_device,
     parse_attacks,
 )
+from jeat.models import has_unrollable
 
 if TYPE_CHECKING:
     from jeat.distributed import DistContext
@@ -104,13 +107,13 @@ _LIST = [
         "unstable",
         "point",
         "the loss goes the wrong way along the path (noisy gradients, piecewise loss)",
-        ("eot", "bpda"),
+        ("eot", "unroll", "bpda"),
     ),
     Indicator(
         "zero-gradients",
         "point",
         "most steps had a zero input gradient before any success",
-        ("bpda",),
+        ("unroll", "bpda"),
     ),
     Indicator(
         "bad-init",
@@ -140,19 +143,19 @@ _LIST = [
         "zero-gradients-at-start",
         "model",
         "zero input gradients at the clean points (AutoAttack's check)",
-        ("bpda",),
+        ("unroll", "bpda"),
     ),
     Indicator(
         "square-beats-white-box",
         "model",
         "Square broke > 0.2% of the points every white-box attack left (AutoAttack's check)",
-        ("bpda", "eot"),
+        ("unroll", "bpda", "eot"),
     ),
     Indicator(
         "dynamic",
         "model",
         "the forward pass itself calls autograd: a dynamic defence (AutoAttack's check)",
-        ("bpda", "eot"),
+        ("unroll", "bpda", "eot"),
     ),
 ]
 INDICATORS: dict[str, Indicator] = {i.name: i for i in _LIST}
@@ -162,6 +165,8 @@ REMEDIES: dict[str, str] = {
     "larger-step": "a step size no smaller than the default (eps/4 for L-inf)",
     "restarts": "5 random restarts",
     "eot": "expectation over transformation: each step averages 20 passes (eot=20)",
+    "unroll": "differentiate through every purifier's unrolled chain (unroll=1): its true "
+    "gradient, where BPDA's identity is a poor surrogate",
     "bpda": "differentiate non-differentiable layers and preprocessing as identity/ReLU (BPDA)",
     "aa-rand": "AutoAttack's rand version (APGD-CE and APGD-DLR, EOT over 20 passes)",
     "log-outputs": "attack the logarithm of the outputs: logits up to a constant",
@@ -215,6 +220,7 @@ class Diagnosis:
     threshold: float  # percent of points above which a per-point indicator is raised
     points: dict[str, Tensor] = field(default_factory=dict, repr=False)  # name -> bool (n,)
     probe: dict[str, Any] = field(default_factory=dict)
+    unrollable: bool = False  # the model has a purifier that ``unroll`` differentiates through
 
     def raised(self) -> list[str]:
         names = {n for r in self.rows for n in r.raised} | {c.name for c in self.checks if c.raised}
@@ -224,14 +230,21 @@ class Diagnosis:
         """AutoAttack's randomised check ran and identical passes agreed."""
         return any(c.name == "randomised" and not c.raised for c in self.checks)
 
-    def remedies(self) -> list[str]:
-        """The remedies of the raised indicators, in the order of the indicators. EOT is left
-        out for a deterministic model: averaging identical passes only multiplies the cost."""
+    def applicable(self, remedies: tuple[str, ...] | list[str]) -> list[str]:
+        """``remedies`` less those that cannot change this model's evaluation: EOT for a
+        deterministic model (averaging identical passes only multiplies the cost) and
+        ``unroll`` for a model without a purifier."""
         skip = {"eot"} if self.deterministic() else set()
+        if not self.unrollable:
+            skip.add("unroll")
+        return [r for r in remedies if r not in skip]
+
+    def remedies(self) -> list[str]:
+        """The applicable remedies of the raised indicators, in the order of the indicators."""
         out: list[str] = []
         for name in self.raised():
-            for r in INDICATORS[name].remedies:
-                if r not in out and r not in skip:
+            for r in self.applicable(INDICATORS[name].remedies):
+                if r not in out:
                     out.append(r)
         return out
 
@@ -261,6 +274,7 @@ class Diagnosis:
             "raised": self.raised(),
             "remedies": self.remedies(),
             "probe": self.probe,
+            "unrollable": self.unrollable,
         }
 
     def _lines(self) -> list[tuple[str, str, str, str]]:
@@ -268,11 +282,11 @@ class Diagnosis:
         for r in self.rows:
             for name, share in r.shares.items():
                 up = name in r.raised
-                remedy = ", ".join(INDICATORS[name].remedies) if up else ""
+                remedy = ", ".join(self.applicable(INDICATORS[name].remedies)) if up else ""
                 where = f"{share:.1f}% of {r.considered}"
                 lines.append((f"{r.attack}: {name}", where, "RAISED" if up else "ok", remedy))
         for c in self.checks:
-            remedy = ", ".join(INDICATORS[c.name].remedies) if c.raised else ""
+            remedy = ", ".join(self.applicable(INDICATORS[c.name].remedies)) if c.raised else ""
             lines.append((c.name, c.detail, "RAISED" if c.raised else "ok", remedy))
         return lines
 
@@ -659,7 +673,9 @@ def diagnose(
             )  # fmt: skip
             if c.name in model_level
         ]
-    diagnosis = Diagnosis(rows, checks, float(threshold), points, probe_info)
+    diagnosis = Diagnosis(
+        rows, checks, float(threshold), points, probe_info, unrollable=has_unrollable(model)
+    )
     result.point_notes = diagnosis.notes(n)
     return result, diagnosis
 
@@ -692,6 +708,8 @@ def remedy_attacks(result: EvalResult, remedies: list[str], threat: ThreatModel)
         options["restarts"] = max(int(options.get("restarts") or 1), 5)
     if "eot" in remedies:
         options["eot"] = max(int(options.get("eot") or 1), EOT_SAMPLES)
+    if "unroll" in remedies:
+        options["unroll"] = 1
     if "bpda" in remedies:
         options["bpda"] = 1
     if "log-outputs" in remedies:

@@ -48,6 +48,7 @@ from jeat.attacks import (
     PGD,
     MultiTargeted,
     ThreatModel,
+    Unroll,
     check_images,
     logits_of,
     make_threat,
@@ -146,8 +147,9 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     # bpda=1: differentiate k-WTA layers as ReLUs and non-differentiable defences as the
     # identity (BPDA: the adaptive attack on masked gradients)
     # eot=K: average K forward-backward passes per step (randomised models);
-    # log_outputs=1: attack the log of the outputs (a model that returns probabilities)
-    "fgsm": {"loss": "ce", "bpda": 0, "eot": 1, "log_outputs": 0},
+    # log_outputs=1: attack the log of the outputs (a model that returns probabilities);
+    # unroll=1: differentiate through every purifier's unrolled chain (its true gradient)
+    "fgsm": {"loss": "ce", "bpda": 0, "unroll": 0, "eot": 1, "log_outputs": 0},
     # active=0: every step and restart on the whole batch (default 1: drop fooled points)
     "pgd": {
         "step_size": None,
@@ -155,6 +157,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
         "random_start": True,
         "targets": 9,
         "bpda": 0,
+        "unroll": 0,
         "active": 1,
         "eot": 1,
         "log_outputs": 0,
@@ -288,6 +291,18 @@ def _threat(spec: AttackSpec, default: ThreatModel) -> ThreatModel:
     return make_threat(str(norm or default.norm), default.eps if eps is None else float(eps))
 
 
+def _adaptive(
+    attack: Callable[..., Tensor], family: str, o: dict[str, Any], label: str
+) -> tuple[Callable[..., Tensor], str]:
+    """``attack`` with the adaptive switches its options ask for (``unroll``, then ``bpda``:
+    purifiers unroll, every other masked layer gets BPDA's backward), and its loss family."""
+    if _switch(o, "unroll", label):
+        attack, family = Unroll(attack), f"{family}-unroll"
+    if _switch(o, "bpda", label):
+        attack, family = BPDA(attack), f"{family}-bpda"
+    return attack, family
+
+
 def build_attack(spec: AttackSpec, threat: ThreatModel, context: EvalContext) -> BuiltAttack:
     """Turn a parsed spec into runnable stages (validating every option)."""
     o = {**_COMMON, **_OPTIONS[spec.kind], **spec.options}
@@ -299,8 +314,7 @@ def build_attack(spec: AttackSpec, threat: ThreatModel, context: EvalContext) ->
         fgsm = FGSM(th, loss=str(o["loss"]))
         fgsm.eot = _number(o, "eot", label, 1, integer=True)
         fgsm.log_outputs = _switch(o, "log_outputs", label)
-        family = f"{fgsm.loss}-bpda" if o["bpda"] else fgsm.loss
-        stage = BPDA(fgsm) if o["bpda"] else fgsm
+        stage, family = _adaptive(fgsm, fgsm.loss, o, label)
         return BuiltAttack(spec, th, [(label, stage, "white-box")], steps=1, loss=family)
     if spec.kind in _STEPPED:
         loss = "ce" if spec.kind == "pgd" else spec.kind
@@ -319,10 +333,8 @@ def build_attack(spec: AttackSpec, threat: ThreatModel, context: EvalContext) ->
         attack: Callable[..., Tensor] = pgd
         if spec.targeted:
             attack = MultiTargeted(pgd, _number(o, "targets", label, 1, integer=True))
-        if o["bpda"]:
-            attack = BPDA(attack)
         family = f"{loss}-targeted" if spec.targeted else loss
-        family += "-bpda" if o["bpda"] else ""
+        attack, family = _adaptive(attack, family, o, label)
         return BuiltAttack(spec, th, [(label, attack, "white-box")], steps=spec.steps, loss=family)
     if spec.kind == "square":
         from jeat.attacks.external import Square
@@ -688,7 +700,7 @@ def traced_core(attack: Callable[..., Tensor]) -> tuple[PGD, int] | None:
     from jeat.attacks.transfer import Transfer
 
     runs = 1
-    while isinstance(attack, (BPDA, MultiTargeted, Transfer)):
+    while isinstance(attack, (BPDA, Unroll, MultiTargeted, Transfer)):
         if isinstance(attack, MultiTargeted):
             runs *= attack.n_targets
         attack = attack.attack

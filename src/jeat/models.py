@@ -22,6 +22,8 @@ __all__ = [
     "Normalize",
     "KWTA",
     "bpda",
+    "unrolled",
+    "has_unrollable",
     "ModelInfo",
     "register_model",
     "create_model",
@@ -107,6 +109,30 @@ def bpda(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in zip(layers, old, strict=True):
             m.bpda = flag
+
+
+@contextmanager
+def unrolled(model: nn.Module) -> Iterator[None]:
+    """Differentiate through every iterative test-time step of ``model`` inside the block:
+    each module whose class sets ``unrollable = True`` (:class:`jeat.defences.Purify`) has its
+    ``differentiable`` switch turned on, so an attack's gradient flows through the unrolled
+    chain (its true gradient) instead of the zero one of the detached chain or BPDA's identity
+    surrogate. The forward pass computes the same function; restores the modules afterwards.
+    """
+    layers = [m for m in model.modules() if getattr(m, "unrollable", False)]
+    old = [m.differentiable for m in layers]
+    for m in layers:
+        m.differentiable = True
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, old, strict=True):
+            m.differentiable = flag
+
+
+def has_unrollable(model: nn.Module) -> bool:
+    """Whether :func:`unrolled` changes anything in ``model``."""
+    return any(getattr(m, "unrollable", False) for m in model.modules())
 
 
 def _activation(name: str) -> nn.Module:

@@ -9,7 +9,7 @@ callable ``attack(model, x, y, generator=None, check=True) -> x_adv`` on pixels 
 from jeat.attacks.base import Attack, LogitsModel, check_images, logits_of, model_mode, model_width
 from jeat.attacks.external import AutoAttack, Square
 from jeat.attacks.occlusion import ROA, Occlusion
-from jeat.attacks.pgd import BPDA, FGSM, LOSSES, PGD, MultiTargeted, attack_loss
+from jeat.attacks.pgd import BPDA, FGSM, LOSSES, PGD, MultiTargeted, Unroll, attack_loss
 from jeat.attacks.threats import L2Ball, LinfBall, ThreatModel, flat_norm, make_threat
 from jeat.attacks.transfer import SGM, Transfer, skip_gradient
 
@@ -21,6 +21,7 @@ __all__ = [
     "model_mode",
     "model_width",
     "BPDA",
+    "Unroll",
     "FGSM",
     "LOSSES",
     "PGD",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from jeat.attacks.threats import ThreatModel
 from jeat.energy import check_labels, cross_entropy_from_logits, dlr_from_logits, margin_from_logits
 from jeat.errors import JeatError
 
-__all__ = ["PGD", "FGSM", "MultiTargeted", "BPDA", "LOSSES", "attack_loss"]
+__all__ = ["PGD", "FGSM", "MultiTargeted", "BPDA", "Unroll", "LOSSES", "attack_loss"]
 
 
 def _ce(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
@@ -434,19 +435,18 @@ class MultiTargeted:
 
 
 @dataclass
-class BPDA:
-    """Run ``attack`` under :func:`jeat.models.bpda` (Backward Pass Differentiable
-    Approximation, Athalye et al. 2018): every k-WTA layer is differentiated as a ReLU and every
-    test-time defence of :mod:`jeat.defences` with a non-differentiable step as the identity.
-    The adaptive attack for masked gradients; the model's forward pass, and so the attack's
-    success test, is unchanged.
-    """
+class _Switched:
+    """Run ``attack`` with the model's modules switched to another backward pass (the forward
+    pass, and so the attack's success test, is unchanged)."""
 
-    attack: PGD | MultiTargeted
+    attack: PGD | MultiTargeted | _Switched
 
     @property
     def threat(self) -> ThreatModel:
         return self.attack.threat
+
+    def _switch(self, model: nn.Module) -> AbstractContextManager[None]:
+        raise NotImplementedError
 
     def __call__(
         self,
@@ -456,7 +456,31 @@ class BPDA:
         generator: torch.Generator | None = None,
         check: bool = True,
     ) -> Tensor:
+        with self._switch(model):
+            return self.attack(model, x, y, generator=generator, check=check)
+
+
+class BPDA(_Switched):
+    """Run ``attack`` under :func:`jeat.models.bpda` (Backward Pass Differentiable
+    Approximation, Athalye et al. 2018): every k-WTA layer is differentiated as a ReLU and every
+    test-time defence of :mod:`jeat.defences` with a non-differentiable step as the identity.
+    The adaptive attack for masked gradients.
+    """
+
+    def _switch(self, model: nn.Module) -> AbstractContextManager[None]:
         from jeat.models import bpda
 
-        with bpda(model):
-            return self.attack(model, x, y, generator=generator, check=check)
+        return bpda(model)
+
+
+class Unroll(_Switched):
+    """Run ``attack`` under :func:`jeat.models.unrolled`: every purifier of :mod:`jeat.defences`
+    (an iterative test-time step, SGLD purification) is differentiated through its unrolled
+    chain, the true gradient of the deployed defence, rather than BPDA's identity surrogate.
+    Purifiers unroll even inside :class:`BPDA`; the other layers keep BPDA's backward.
+    """
+
+    def _switch(self, model: nn.Module) -> AbstractContextManager[None]:
+        from jeat.models import unrolled
+
+        return unrolled(model)
