@@ -19,7 +19,8 @@ BENCH = ROOT / "benchmarks"
 
 
 def _run(cmd: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # scripts that start python (device_check.sh: $PYTHON) use the interpreter of the tests
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
