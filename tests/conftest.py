@@ -12,10 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from jeat.accel import tune_host_allocator
-from jeat.config import load_config
-from jeat.data import load_dataset
-from jeat.finish import train_and_finish
+# The README's test command runs the tests on pytest-xdist workers (``-n auto`` in
+# pyproject.toml): each worker, and every subprocess it starts, gets an equal share of the
+# cores, so two workers on a 2-core CPU do not fight over threads. Set before torch loads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (_CORES or 1) // _WORKERS))
+
+import torch  # noqa: E402
+
+from jeat.accel import tune_host_allocator  # noqa: E402
+from jeat.config import load_config  # noqa: E402
+from jeat.data import load_dataset  # noqa: E402
+from jeat.finish import train_and_finish  # noqa: E402
+
+if "OMP_NUM_THREADS" in os.environ:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # As the jeat command does (the CLI tests' subprocesses get it from there): reuse freed host
 # memory instead of faulting it in again at every step. It changes speed, never results.
