@@ -9,7 +9,7 @@ which WRM-style objectives want.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -91,7 +91,21 @@ class KWTA(nn.Module):
 
 
 @contextmanager
-def bpda(model: nn.Module) -> Iterator[None]:
+def _switched(model: nn.Module, capable: str, switch: str) -> Iterator[None]:
+    """Set the boolean ``switch`` of every module of ``model`` whose class sets ``capable`` for
+    the length of the block; restore each module's own value afterwards."""
+    layers = [m for m in model.modules() if getattr(m, capable, False)]
+    old = [getattr(m, switch) for m in layers]
+    for m in layers:
+        setattr(m, switch, True)
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, old, strict=True):
+            setattr(m, switch, flag)
+
+
+def bpda(model: nn.Module) -> AbstractContextManager[None]:
     """Switch every BPDA-capable module of ``model`` to its backward pass approximation inside
     the block (the forward pass is unchanged); restores the modules afterwards.
 
@@ -100,34 +114,17 @@ def bpda(model: nn.Module) -> Iterator[None]:
     the test-time defences of :mod:`jeat.defences` (non-differentiable or gradient-hiding steps
     differentiated as the identity).
     """
-    layers = [m for m in model.modules() if getattr(m, "bpda_capable", False)]
-    old = [m.bpda for m in layers]
-    for m in layers:
-        m.bpda = True
-    try:
-        yield
-    finally:
-        for m, flag in zip(layers, old, strict=True):
-            m.bpda = flag
+    return _switched(model, "bpda_capable", "bpda")
 
 
-@contextmanager
-def unrolled(model: nn.Module) -> Iterator[None]:
+def unrolled(model: nn.Module) -> AbstractContextManager[None]:
     """Differentiate through every iterative test-time step of ``model`` inside the block:
     each module whose class sets ``unrollable = True`` (:class:`jeat.defences.Purify`) has its
     ``differentiable`` switch turned on, so an attack's gradient flows through the unrolled
     chain (its true gradient) instead of the zero one of the detached chain or BPDA's identity
     surrogate. The forward pass computes the same function; restores the modules afterwards.
     """
-    layers = [m for m in model.modules() if getattr(m, "unrollable", False)]
-    old = [m.differentiable for m in layers]
-    for m in layers:
-        m.differentiable = True
-    try:
-        yield
-    finally:
-        for m, flag in zip(layers, old, strict=True):
-            m.differentiable = flag
+    return _switched(model, "unrollable", "differentiable")
 
 
 def has_unrollable(model: nn.Module) -> bool:
