@@ -92,7 +92,8 @@ def main() -> None:
     res_path = out / "results.json"
     results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.exists() else {}
     results.setdefault("rows", {})
-    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads"
+    results.pop("machine", None)  # recorded per row (rows may run on different thread counts)
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
     results["n"] = args.n
     models: dict[str, torch.nn.Module] = {}
 
@@ -118,7 +119,7 @@ def main() -> None:
                 "naive_pgd20": plain.robust_accuracy, "naive_worst": plain.robust_accuracy,
                 "raised": [], "remedies": [], "fix_attacks": [], "fixed_worst": None,
                 "autoattack": None, "autoattack_attack": None, "standard_under_fix": None,
-                "seconds": {"table": time.perf_counter() - t0},
+                "seconds": {"table": time.perf_counter() - t0}, "machine": machine,
             }  # fmt: skip
             res_path.write_text(json.dumps(results, indent=2) + "\n")
             continue
@@ -154,6 +155,7 @@ def main() -> None:
             "autoattack_attack": aa_attack,
             "standard_under_fix": reference,
             "seconds": {"diagnose": t_diag, "fix": t_fix, "autoattack": t_aa},
+            "machine": machine,
         }
         res_path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"{row}: {json.dumps(results['rows'][row])}", flush=True)
@@ -162,7 +164,9 @@ def main() -> None:
 
 def write_table(results: dict[str, Any], out: Path) -> None:
     rows = []
-    for name, r in results["rows"].items():
+    order = [n for n in ROWS if n in results["rows"]]  # the script's row order
+    for name in order + [n for n in results["rows"] if n not in ROWS]:
+        r = results["rows"][name]
         ref = r["standard_under_fix"]
         if r["kind"] == "adaptive":
             rows.append(
@@ -188,9 +192,10 @@ def write_table(results: dict[str, Any], out: Path) -> None:
         "AutoAttack %",
         "standard model under the fix %",
     ]
+    machines = sorted({r.get("machine", "?") for r in results["rows"].values()})
     text = (
         f"Digits, first {results['n']} test points, L-inf eps 0.2, cascade; "
-        f"{results['machine']}.\n\n" + markdown_table(header, rows)
+        f"{' / '.join(machines)} (per row in results.json).\n\n" + markdown_table(header, rows)
     )
     (out / "table.md").write_text(text)
     print(text)
