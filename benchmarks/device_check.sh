@@ -141,7 +141,7 @@ import jeat, sklearn, scipy, yaml, matplotlib, tqdm
 print('jeat', jeat.__version__, 'from', jeat.__file__)
 EOF"
 
-step tests "$(share "${shares[tests]}")" "$py" -m pytest -q -p no:cacheprovider --durations=15 tests/test_cuda.py
+step tests "$(share "${shares[tests]}")" "$py" -m pytest -q -n 0 -p no:cacheprovider --durations=15 tests/test_cuda.py
 
 step fast "$(share "${shares[fast]}")" "$py" benchmarks/fast_path.py --device "$device" --data-dir "$data" \
     --train-size $train_size --budget-s "$(share $((shares[fast] * 8 / 9)))" --out "$out/fast"
