@@ -14,7 +14,8 @@
 #   env      torch, CUDA and the device as python3 sees them; nvidia-smi
 #   tests    pytest tests/test_cuda.py (the CUDA sync detector in the attack and sampler loops,
 #            on-device and pinned data, the fast path trains like fp32, CPU and device
-#            evaluation agree, NCCL when two GPUs are there)
+#            evaluation agree, NCCL when two GPUs are there), in one process and without the
+#            project's `-n auto` (the device's python may have no pytest-xdist)
 #   fast     benchmarks/fast_path.py: PreAct-ResNet-18 PGD-AT (PGD-10), fp32 eager vs the fast
 #            path (bf16, channels-last, compile): speed-up, PGD-20 gap, and each path's images/s,
 #            achieved FLOP/s and MFU, with the number of epochs fitted to 8/9 of its time limit
@@ -141,7 +142,7 @@ import jeat, sklearn, scipy, yaml, matplotlib, tqdm
 print('jeat', jeat.__version__, 'from', jeat.__file__)
 EOF"
 
-step tests "$(share "${shares[tests]}")" "$py" -m pytest -q -n 0 -p no:cacheprovider --durations=15 tests/test_cuda.py
+step tests "$(share "${shares[tests]}")" "$py" -m pytest -q -o addopts=-ra -p no:cacheprovider --durations=15 tests/test_cuda.py
 
 step fast "$(share "${shares[fast]}")" "$py" benchmarks/fast_path.py --device "$device" --data-dir "$data" \
     --train-size $train_size --budget-s "$(share $((shares[fast] * 8 / 9)))" --out "$out/fast"
