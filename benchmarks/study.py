@@ -447,6 +447,13 @@ def load_data(ds: str, b: Budget, data_dir: Path) -> ImageDataset:
 
 def judge_for(ds: str, b: Budget, data: ImageDataset, out: Path) -> tuple[torch.nn.Module, float]:
     folder = out / "judges" / ds
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "model.pt").exists():
+        raise JeatError(
+            f"{folder} holds a judge's record but not its weights (model.pt stays out of git): "
+            "a study from a clean clone cannot be extended with the same judge; move the folder "
+            "aside to train a new one (its FIDs are then not comparable with the old cells') or "
+            "start a new --out folder"
+        )
     t0, cpu0 = time.time(), time.process_time()
     with quiet_stdout():
         judge, acc, _ = train_judge(
