@@ -30,7 +30,7 @@ def test_defaults_unchanged():
     data = load_dataset("digits")
     jeat = create_objective(load_config("digits-jeat").objective, data.info)
     assert jeat.opts["buffer_init"] == "gaussian" and jeat.opts["sgld_grad_clip"] is None
-    assert jeat.opts["energy_weight_warmup_steps"] == 0 and jeat.energy_weight == 0.1
+    assert jeat.opts["energy_weight_warmup_steps"] == 0 and jeat.energy_weight == 0.01
     assert jeat.sgld.grad_clip is None
     jem = create_objective(load_config("digits-jem").objective, data.info)
     assert jem.opts["buffer_init"] == "uniform" and jem.energy_weight == 1.0
