@@ -18,11 +18,20 @@
    seed, ours from a generator); times are medians, accuracies the mean over the timed rounds
    (a point counts as robust when it is classified correctly clean and after the attack).
    Targets: ours / torchattacks <= 0.7 (PGD-20) and <= 0.4 (PGD-100 x 5), with our accuracy
-   never above theirs by more than 0.5 points.
+   never above theirs by more than 0.5 points. A forward pre-hook on the model counts the rows
+   of every forward pass (on an input that needs a gradient: an attack step; else a success
+   test), so each row also reports its work, and the *work bound*: a point the attack leaves
+   standing takes every step of every restart in any implementation of the attack, so no
+   implementation does fewer than robust points x restarts x steps gradient rows (printed as a
+   share of torchattacks').
 4. ``--parts default``: the main job's default table (``clean,fgsm,pgd20,autoattack-fast``,
    cascade, cheap attacks first) against ``autoattack-fast`` alone (``clean,autoattack-fast``)
    on the same points, interleaved rounds: prints table / alone with a bootstrap interval
    (target: <= 1.2) and both worst cases.
+5. ``--parts batch``: microseconds per row of one attack step (forward, per-point
+   cross-entropy, input gradient) at batch sizes 16 to 1024, for the digits model and a
+   CIFAR-shaped one: whether running restarts side by side as one larger batch would make a
+   point-step cheaper on this device (on a CPU it does not; see eval_active's README).
 
 Models: a PGD-AT ``small_cnn`` trained on the embedded digits (or loaded with ``--run``), and
 for the PGD timing also a CIFAR-shaped ``small_cnn`` (3x32x32, untrained: timing only).
@@ -129,17 +138,32 @@ def active_vs_torchattacks(
         variants[name](x[:16], y[:16], -1)
     times = {n: Measured() for n in names}
     accs: dict[str, list[float]] = {n: [] for n in names}
+    # work: the rows every forward pass of the model carries, on inputs that need a gradient
+    # (an attack step: forward and backward) and on others (a success test), summed over a call
+    tally = {"grad": 0, "nograd": 0}
+
+    def count(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        step = torch.is_grad_enabled() and inputs[0].requires_grad
+        tally["grad" if step else "nograd"] += int(inputs[0].shape[0])
+
+    work: dict[str, list[dict[str, int]]] = {n: [] for n in names}
+    robust_n: dict[str, list[int]] = {n: [] for n in names}
     for r in range(repeats):
         for name in rotated(names, r):
             torch.manual_seed(seed * 1000 + r)  # torchattacks' random starts
+            tally.update(grad=0, nograd=0)
+            hook = model.register_forward_pre_hook(count)
             sync(device)
             start = time.perf_counter()
             x_adv = variants[name](x, y, r)
             sync(device)
             seconds = time.perf_counter() - start
+            hook.remove()
             times[name].add(seconds, None)
+            work[name].append(dict(tally))
             with torch.no_grad():
                 ok = (model(x_adv).argmax(1) == y) & clean_ok
+            robust_n[name].append(int(ok.sum()))
             accs[name].append(100.0 * float(ok.float().mean()))
             print(f"    round {r + 1}/{repeats}: {name} {seconds:.3f}s acc {accs[name][-1]:.2f}%",
                   flush=True)  # fmt: skip
@@ -155,6 +179,15 @@ def active_vs_torchattacks(
         "accuracies": accs,
         "mean_acc": {n: statistics.mean(accs[n]) for n in names},
     }
+    out["gradient_rows"] = {n: statistics.mean(w["grad"] for w in work[n]) for n in names}
+    out["forward_only_rows"] = {n: statistics.mean(w["nograd"] for w in work[n]) for n in names}
+    ta_work = out["gradient_rows"]["torchattacks"]
+    out["work_ratios_to_torchattacks"] = {n: out["gradient_rows"][n] / ta_work for n in names}
+    # a point the attack leaves standing must take every step of every restart in any
+    # implementation of this attack: robust points x restarts x steps gradient rows at least
+    robust = statistics.mean(robust_n["ours"])
+    out["robust_points_ours"] = robust
+    out["work_bound_to_torchattacks"] = robust * restarts * steps / ta_work
     base = times["torchattacks"]
     out["ratio"] = times["ours"].median / base.median
     out["ratio_paired"] = paired_ratio(times["ours"], base)
@@ -187,25 +220,70 @@ def active_part(
 
 def active_table(results: dict[str, Any]) -> str:
     lines = [
-        "| model, points | attack | row | median s | time / torchattacks | accuracy % (mean) |",
-        "|---|---|---|---|---|---|",
+        "| model, points | attack | row | median s | time / torchattacks | gradient rows "
+        "| work / torchattacks | accuracy % (mean) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results.values():
         attack = "PGD-20" if r["restarts"] == 1 else f"PGD-{r['steps']}, {r['restarts']} restarts"
         for n in r["variants"]:
             lines.append(
                 f"| {r['model']}, {r['points']} | {attack} | {n} | {r['median_s'][n]:.3f} | "
-                f"{r['ratios_to_torchattacks'][n]:.2f} | {r['mean_acc'][n]:.2f} |"
+                f"{r['ratios_to_torchattacks'][n]:.2f} | {r['gradient_rows'][n]:.0f} | "
+                f"{r['work_ratios_to_torchattacks'][n]:.2f} | {r['mean_acc'][n]:.2f} |"
             )
     lines.append("")
-    lines.append("| model | attack | ours / torchattacks (target) | ours - torchattacks accuracy |")
-    lines.append("|---|---|---|---|")
+    lines.append(
+        "| model | attack | ours / torchattacks, time (target) | work | work bound "
+        "| ours - torchattacks accuracy |"
+    )
+    lines.append("|---|---|---|---|---|---|")
     for r in results.values():
         attack = "PGD-20" if r["restarts"] == 1 else f"PGD-{r['steps']}, {r['restarts']} restarts"
         lines.append(
             f"| {r['model']} | {attack} | {r['ratio']:.2f} (<= {r['target_ratio']}) | "
+            f"{r['work_ratios_to_torchattacks']['ours']:.2f} | "
+            f"{r['work_bound_to_torchattacks']:.2f} | "
             f"{r['acc_ours_minus_torchattacks']:+.2f} points (<= +0.5) |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def batch_part(models: list[tuple[str, nn.Module, Tensor]], repeats: int) -> dict[str, Any]:
+    """Seconds per point of one attack step (forward, per-point cross-entropy, input
+    gradient) at growing batch sizes: whether running restarts side by side as one larger batch
+    would make a point-step cheaper on this device."""
+    out: dict[str, Any] = {}
+    for name, model, x in models:
+        rows = {}
+        device = x.device
+        for n in (16, 64, 256, 1024):
+            xb = x[torch.arange(n, device=device) % len(x)].clone().requires_grad_(True)
+            yb = torch.arange(n, device=device) % 10
+            timing = Measured()
+            for i in range(repeats + 2):  # two warm-up calls, untimed
+                sync(device)
+                t0 = time.perf_counter()
+                loss = nn.functional.cross_entropy(model(xb), yb, reduction="none").sum()
+                torch.autograd.grad(loss, xb)
+                sync(device)
+                if i >= 2:
+                    timing.add(time.perf_counter() - t0, None)
+            rows[n] = timing.median / n
+            print(f"batch {name}: {n} rows, {1e6 * rows[n]:.1f} us per row-step", flush=True)
+        out[name] = {"seconds_per_row_step": rows, "rounds": repeats}
+    return out
+
+
+def batch_table(results: dict[str, Any]) -> str:
+    sizes = list(next(iter(results.values()))["seconds_per_row_step"])
+    lines = [
+        "| model | " + " | ".join(f"batch {n}, us per row-step" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for name, r in results.items():
+        per = r["seconds_per_row_step"]
+        lines.append(f"| {name} | " + " | ".join(f"{1e6 * per[n]:.1f}" for n in sizes) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -218,7 +296,9 @@ def main() -> None:
     p.add_argument("--n-queries", type=int, default=5000, help="Square's budget in AutoAttack")
     p.add_argument("--out", help="folder for results.json and README-ready table.md")
     p.add_argument(
-        "--parts", default="pgd,table", help="comma list of pgd, table, active, default (see above)"
+        "--parts",
+        default="pgd,table",
+        help="comma list of pgd, table, active, default, batch (see above)",
     )
     p.add_argument("--cifar-run", help="a trained CIFAR-10 run folder (for --parts active)")
     p.add_argument("--active-digits", type=int, default=360, help="digits points (active)")
@@ -230,8 +310,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="device of the active part (e.g. cuda)")
     args = p.parse_args()
     parts = {s.strip() for s in args.parts.split(",") if s.strip()}
-    if unknown := parts - {"pgd", "table", "active", "default"}:
-        p.error(f"unknown part(s) {sorted(unknown)}; choose from pgd, table, active, default")
+    if unknown := parts - {"pgd", "table", "active", "default", "batch"}:
+        p.error(
+            f"unknown part(s) {sorted(unknown)}; choose from pgd, table, active, default, batch"
+        )
     if "active" in parts and not args.cifar_run:
         p.error("--parts active needs --cifar-run (a trained CIFAR-10 run folder)")
     torch.manual_seed(0)
@@ -273,6 +355,22 @@ def main() -> None:
         )
         active_md = active_table(results["active"])
         print(active_md)
+    if "batch" in parts:
+        dev = torch.device(args.device)
+        if args.cifar_run:
+            cifar_shaped = load_trained(args.cifar_run)[0].eval()
+        else:
+            cifar_shaped = create_model("small_cnn", in_channels=3, num_classes=10).eval()
+        xc = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        results["batch"] = batch_part(
+            [
+                ("digits PGD-AT small_cnn", copy.deepcopy(model).to(dev), data.x_test.to(dev)),
+                ("CIFAR-shaped small_cnn", cifar_shaped.to(dev), xc.to(dev)),
+            ],
+            args.repeats,
+        )
+        active_md += ("\n" if active_md else "") + batch_table(results["batch"])
+        print(batch_table(results["batch"]))
     if "pgd" in parts:
         x, y = data.x_test[:256], data.y_test[:256]
         results["pgd20_digits"] = pgd_ratio(model, x, y, eps, args.repeats)
