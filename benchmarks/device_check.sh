@@ -28,11 +28,15 @@
 #            limit, and the fast step measures compile on the whole training step)
 #   objectives  benchmarks/train_throughput.py as in mfu for standard, JEM and JEAT (their
 #            images/s and MFU; the ratio to standard)
+#   active   benchmarks/eval_cost.py --parts active,batch: the evaluation PGD's active set
+#            (compaction every 5 steps on the device) against torchattacks on a digits PGD-AT
+#            model trained on the device, with each variant's work; and the cost of an attack
+#            step per row against batch size (would restarts side by side pay on a GPU?)
 # Then DIR/summary.md (every step's exit status and table) and DIR/device_check.tar.gz (all of
 # it). --pack leaves only those two files in DIR (for an output folder that brings back only
 # a few files). The step limits are shares of --budget-s (default 540 s): env 3%, tests 17%,
-# fast 40%, memory 7%, mfu 12%, attack 8%, objectives 13%; with --only, the chosen steps share
-# the whole budget (--only fast --budget-s 300 gives fast_path 300 s). The training steps use
+# fast 32%, memory 7%, mfu 12%, attack 8%, objectives 13%, active 8%; with --only, the chosen
+# steps share the whole budget (--only fast --budget-s 300 gives fast_path 300 s). The training steps use
 # the first 4,992 CIFAR-10 subset images (39 batches of 128), so torch.compile never sees a
 # smaller last batch (a recompilation); TORCH_LOGS=recompiles puts every recompilation in the
 # logs. docs/performance.md ("Running the GPU checks") says how to prepare .device/ (the
@@ -43,7 +47,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/device_check}
 data=.device/data
 budget=540
-only=env,tests,fast,memory,mfu,attack,objectives
+only=env,tests,fast,memory,mfu,attack,objectives,active
 pack=0
 device=cuda
 while [ $# -gt 0 ]; do
@@ -122,7 +126,8 @@ step() {
 }
 
 # each step's share of the budget; with --only, the chosen steps split the whole budget
-declare -A shares=([env]=3 [tests]=17 [fast]=40 [memory]=7 [mfu]=12 [attack]=8 [objectives]=13)
+declare -A shares=([env]=3 [tests]=17 [fast]=32 [memory]=7 [mfu]=12 [attack]=8 [objectives]=13
+    [active]=8)
 chosen=0
 for name in "${!shares[@]}"; do
     case ",$only," in *",$name,"*) chosen=$((chosen + shares[$name])) ;; esac
@@ -161,6 +166,10 @@ step attack "$(share "${shares[attack]}")" "$py" benchmarks/attack_throughput.py
 
 step objectives "$(share "${shares[objectives]}")" "${throughput[@]}" \
     --objectives standard,jem,jeat --out "$out/objectives"
+
+step active "$(share "${shares[active]}")" "$py" benchmarks/eval_cost.py --parts active,batch \
+    --device "$device" --work "$(mktemp -d)" --active-repeats 3 --active-repeats-restarts 1 \
+    --repeats 3 --out "$out/active"
 
 echo >>"$summary"
 echo "total $((SECONDS - start)) s" >>"$summary"

@@ -91,3 +91,32 @@ def test_device_check_writes_a_summary_and_packs_it(tmp_path):
     assert "## env: exit 0" in summary and "## tests: exit 0" in summary
     if not torch.cuda.is_available():
         assert "needs a CUDA device" in summary  # the CUDA tests skip here, saying why
+
+
+def test_eval_cost_counts_each_variants_work_and_the_bound_below_it(monkeypatch):
+    """eval_cost's work counts: a full-batch run carries points x steps gradient rows per run,
+    the active set carries fewer, and the work bound (robust points x restarts x steps) is at
+    most what the active set did; the batch part times a row-step at every batch size."""
+    pytest.importorskip("torchattacks")
+    monkeypatch.syspath_prepend(str(BENCH))
+    import eval_cost
+
+    from jeat.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", in_channels=1, num_classes=10, width=4).eval()
+    x = torch.rand(24, 1, 8, 8)
+    with torch.no_grad():  # half the points labelled as predicted: some survive a weak attack
+        y = model(x).argmax(1)
+    y[12:] = (y[12:] + 1) % 10
+    one = eval_cost.active_vs_torchattacks(model, x, y, 0.01, steps=4, restarts=1, repeats=1)
+    assert one["gradient_rows"]["torchattacks"] == one["gradient_rows"]["ours_full_batch"] == 96
+    assert one["gradient_rows"]["ours"] < 96  # the 12 misclassified points leave at step 1
+    many = eval_cost.active_vs_torchattacks(model, x, y, 0.01, steps=4, restarts=3, repeats=1)
+    assert many["gradient_rows"]["torchattacks_3_runs"] == 3 * 96
+    for r in (one, many):
+        assert r["robust_points_ours"] > 0
+        assert r["work_bound_to_torchattacks"] <= r["work_ratios_to_torchattacks"]["ours"] <= 1
+    batch = eval_cost.batch_part([("tiny", model, x)], repeats=1)
+    assert set(batch["tiny"]["seconds_per_row_step"]) == {16, 64, 256, 1024}
+    assert "| tiny |" in eval_cost.batch_table(batch)
