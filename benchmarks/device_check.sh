@@ -36,9 +36,9 @@
 # it). --pack leaves only those two files in DIR (for an output folder that brings back only
 # a few files). The step limits are shares of --budget-s (default 540 s): env 3%, tests 17%,
 # fast 32%, memory 7%, mfu 12%, attack 8%, objectives 13%, active 8%; with --only, the chosen
-# steps share the whole budget (--only fast --budget-s 300 gives fast_path 300 s). The training steps use
-# the first 4,992 CIFAR-10 subset images (39 batches of 128), so torch.compile never sees a
-# smaller last batch (a recompilation); TORCH_LOGS=recompiles puts every recompilation in the
+# steps share the whole budget (--only fast --budget-s 300 gives fast_path 300 s). The training
+# steps use the first 4,992 CIFAR-10 subset images (39 batches of 128), so torch.compile never
+# sees a smaller last batch (a recompilation); TORCH_LOGS=recompiles puts every recompilation in the
 # logs. docs/performance.md ("Running the GPU checks") says how to prepare .device/ (the
 # CIFAR-10 subset and the wheels) and run this on a lent GPU.
 set -uo pipefail
