@@ -29,9 +29,10 @@
    on the same points, interleaved rounds: prints table / alone with a bootstrap interval
    (target: <= 1.2) and both worst cases.
 5. ``--parts batch``: microseconds per row of one attack step (forward, per-point
-   cross-entropy, input gradient) at batch sizes 16 to 1024, for the digits model and a
-   CIFAR-shaped one: whether running restarts side by side as one larger batch would make a
-   point-step cheaper on this device (on a CPU it does not; see eval_active's README).
+   cross-entropy, input gradient) at batch sizes 16 to 1024 (interleaved rounds after two
+   untimed ones, medians), for the digits model and a CIFAR-shaped one: whether running
+   restarts side by side as one larger batch would make a point-step cheaper on this device
+   (on a CPU it does not; see eval_active's README).
 
 Models: a PGD-AT ``small_cnn`` trained on the embedded digits (or loaded with ``--run``), and
 for the PGD timing also a CIFAR-shaped ``small_cnn`` (3x32x32, untrained: timing only).
@@ -60,7 +61,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import Measured, paired_ratio, pgd_ratio, ratio_text, rotated, sync
+from common import (
+    LEAN_OVERRIDES,
+    Measured,
+    interleaved,
+    paired_ratio,
+    pgd_ratio,
+    ratio_text,
+    rotated,
+    sync,
+)
 from torch import Tensor, nn
 
 from jeat.attacks import PGD, LinfBall
@@ -253,25 +263,27 @@ def batch_part(models: list[tuple[str, nn.Module, Tensor]], repeats: int) -> dic
     """Seconds per point of one attack step (forward, per-point cross-entropy, input
     gradient) at growing batch sizes: whether running restarts side by side as one larger batch
     would make a point-step cheaper on this device."""
+
+    def step(model: nn.Module, xb: Tensor, yb: Tensor) -> Callable[[], object]:
+        def run() -> object:
+            loss = nn.functional.cross_entropy(model(xb), yb, reduction="none").sum()
+            return torch.autograd.grad(loss, xb)
+
+        return run
+
+    sizes = (16, 64, 256, 1024)
     out: dict[str, Any] = {}
     for name, model, x in models:
-        rows = {}
         device = x.device
-        for n in (16, 64, 256, 1024):
-            xb = x[torch.arange(n, device=device) % len(x)].clone().requires_grad_(True)
-            yb = torch.arange(n, device=device) % 10
-            timing = Measured()
-            for i in range(repeats + 2):  # two warm-up calls, untimed
-                sync(device)
-                t0 = time.perf_counter()
-                loss = nn.functional.cross_entropy(model(xb), yb, reduction="none").sum()
-                torch.autograd.grad(loss, xb)
-                sync(device)
-                if i >= 2:
-                    timing.add(time.perf_counter() - t0, None)
-            rows[n] = timing.median / n
-            print(f"batch {name}: {n} rows, {1e6 * rows[n]:.1f} us per row-step", flush=True)
-        out[name] = {"seconds_per_row_step": rows, "rounds": repeats}
+        steps: dict[str, Callable[[], object]] = {}
+        for n in sizes:
+            rows = torch.arange(n, device=device)
+            steps[str(n)] = step(model, x[rows % len(x)].clone().requires_grad_(True), rows % 10)
+        times = interleaved(steps, repeats, device, warmup=2)
+        per_row = {n: times[str(n)].median / n for n in sizes}
+        for n, seconds in per_row.items():
+            print(f"batch {name}: {n} rows, {1e6 * seconds:.1f} us per row-step", flush=True)
+        out[name] = {"seconds_per_row_step": per_row, "rounds": repeats}
     return out
 
 
@@ -326,18 +338,7 @@ def main() -> None:
         if (run / "model.pt").exists():
             model = load_trained(run)[0]
         else:
-            lean = [
-                f"{k}=false"
-                for k in (
-                    "progress",
-                    "final_eval",
-                    "final_samples",
-                    "final_analysis",
-                    "final_scores",
-                    "final_report",
-                )
-            ]
-            cfg = load_config("digits-pgdat", [*lean, f"device={args.device}"])
+            cfg = load_config("digits-pgdat", [*LEAN_OVERRIDES, f"device={args.device}"])
             model = train_and_finish(cfg, run, data=data).model
     model = model.cpu().eval()  # the pgd, table and default parts run on the CPU
     eps = data.info.eps_linf
@@ -349,6 +350,7 @@ def main() -> None:
 
     lines = ["| measurement | jeat | reference | ratio |", "|---|---|---|---|"]
     active_md = ""
+    cifar_model = load_trained(args.cifar_run)[0].eval() if args.cifar_run else None
     if "active" in parts:
         n_d, n_c = args.active_digits, args.active_cifar
         dev = torch.device(args.device)
@@ -357,8 +359,7 @@ def main() -> None:
             ("digits PGD-AT small_cnn", copy.deepcopy(model).to(dev),
              data.x_test[:n_d].to(dev), data.y_test[:n_d].to(dev), eps),
         ]  # fmt: skip
-        if args.cifar_run:
-            cifar_model = load_trained(args.cifar_run)[0].eval()
+        if cifar_model is not None:
             cifar_data = load_dataset("cifar10", root=Path(args.data_dir))
             models.append(
                 ("CIFAR-10 PGD-AT small_cnn", cifar_model.to(dev),
@@ -373,20 +374,18 @@ def main() -> None:
         print(active_md)
     if "batch" in parts:
         dev = torch.device(args.device)
-        if args.cifar_run:
-            cifar_shaped = load_trained(args.cifar_run)[0].eval()
-        else:
-            cifar_shaped = create_model("small_cnn", in_channels=3, num_classes=10).eval()
+        cifar_shaped = cifar_model or create_model("small_cnn", in_channels=3, num_classes=10)
         xc = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         results["batch"] = batch_part(
             [
                 ("digits PGD-AT small_cnn", copy.deepcopy(model).to(dev), data.x_test.to(dev)),
-                ("CIFAR-shaped small_cnn", cifar_shaped.to(dev), xc.to(dev)),
+                ("CIFAR-shaped small_cnn", cifar_shaped.eval().to(dev), xc.to(dev)),
             ],
             args.repeats,
         )
-        active_md += ("\n" if active_md else "") + batch_table(results["batch"])
-        print(batch_table(results["batch"]))
+        batch_md = batch_table(results["batch"])
+        active_md += ("\n" if active_md else "") + batch_md
+        print(batch_md)
     if "pgd" in parts:
         x, y = data.x_test[:256], data.y_test[:256]
         results["pgd20_digits"] = pgd_ratio(model, x, y, eps, args.repeats)
