@@ -21,6 +21,7 @@ from jeat.errors import JeatError
 __all__ = [
     "Normalize",
     "KWTA",
+    "LeanCNN",
     "bpda",
     "unrolled",
     "has_unrollable",
@@ -155,6 +156,28 @@ def _norm2d(kind: str, channels: int) -> nn.Module:
     raise JeatError(f"unknown norm '{kind}'; choose batch, group or none")
 
 
+class GridPool(nn.Module):
+    """Average-pool to ``grid`` x ``grid`` (``nn.AdaptiveAvgPool2d``'s result): a plain
+    average pooling when the input size is a multiple of the grid (the CPU's adaptive pooling
+    is several times slower there, its backward pass most of all), the identity when it
+    already is the grid, the adaptive pooling otherwise."""
+
+    def __init__(self, grid: int) -> None:
+        super().__init__()
+        self.grid = int(grid)
+
+    def forward(self, x: Tensor) -> Tensor:
+        (h, w), g = x.shape[-2:], self.grid
+        if (h, w) == (g, g):
+            return x
+        if h % g == 0 and w % g == 0:
+            return nn.functional.avg_pool2d(x, (h // g, w // g))
+        return nn.functional.adaptive_avg_pool2d(x, g)
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}"
+
+
 class SmallCNN(nn.Module):
     """Three conv blocks and a linear head; for 8x8 (digits) and 28x28 (MNIST) inputs.
 
@@ -182,11 +205,60 @@ class SmallCNN(nn.Module):
             nn.Conv2d(2 * w, 4 * w, 3, padding=1),
             _norm2d(norm, 4 * w),
             _activation(activation),
-            nn.AdaptiveAvgPool2d(2),
+            GridPool(2),
             nn.Flatten(),
         )
         self.head = nn.Sequential(
             nn.Linear(16 * w, 4 * w), _activation(activation), nn.Linear(4 * w, num_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class LeanCNN(nn.Module):
+    """Two 3x3 convolutions (``width`` and ``2 * width`` channels), then a hidden linear layer
+    and the head: the cheap network of a plain PGD-AT script, and the frontier recipes' model
+    on digits and MNIST (``benchmarks/frontier.py``).
+
+    ``pool`` max-pools by that factor after the first convolution (2 on 28x28 MNIST, so the
+    second convolution runs at 14x14); the features are then average-pooled to ``grid`` x
+    ``grid`` (an identity on 8x8 digits with the default 8) before the hidden layer, so the
+    network takes any input size. At the frontier budget a network this size, trained for more
+    epochs, is more robust than a deeper one trained for fewer (``docs/objectives.md``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        width: int = 16,
+        hidden: int = 100,
+        pool: int = 1,
+        grid: int = 8,
+        norm: str = "none",
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        for key, value in (("width", width), ("hidden", hidden), ("pool", pool), ("grid", grid)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise JeatError(f"lean_cnn option {key} must be an integer >= 1, got {value!r}")
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1),
+            _norm2d(norm, w),
+            _activation(activation),
+            nn.MaxPool2d(pool) if pool > 1 else nn.Identity(),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            _norm2d(norm, 2 * w),
+            _activation(activation),
+            GridPool(grid),
+            nn.Flatten(),
+        )
+        self.head = nn.Sequential(
+            nn.Linear(2 * w * grid * grid, hidden),
+            _activation(activation),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -234,7 +306,7 @@ class _PreActNet(nn.Module):
         self.body = nn.Sequential(*body)
         self.bn = _norm2d(norm, channels)
         self.act = _activation(activation)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GridPool(1)
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -331,6 +403,17 @@ register_model(
     norm="none",
     activation="relu",
 )(SmallCNN)
+register_model(
+    "lean_cnn",
+    "2-conv CNN with a hidden layer (cheapest per step; the digits and MNIST frontier recipes)",
+    "any (pool=2 for 28x28 MNIST)",
+    width=16,
+    hidden=100,
+    pool=1,
+    grid=8,
+    norm="none",
+    activation="relu",
+)(LeanCNN)
 register_model(
     "preact_resnet18",
     "PreAct-ResNet-18, 3x3 stem",
