@@ -49,6 +49,10 @@ class DataConfig:
     augment: bool = True  # training augmentation (never used for evaluation)
     train_subset: int | None = None  # use only the first N training images (smoke runs)
     image_size: int | None = None  # folder:/npz: data: resize the images to N x N
+    # hold out this share of the training images (stratified, seeded by the run's seed) as a
+    # validation split: the per-epoch check runs on it and ``keep: best`` selects by it; the
+    # test set is never used for a training decision
+    val_split: float = 0.0
 
 
 @dataclass
@@ -191,6 +195,12 @@ class TrainConfig:
     # RUN/tensorboard event files: None (auto) when tensorboard is installed, true: required
     tensorboard: bool | None = None
     progress: bool = True
+    # exponential moving average of the weights (Gowal et al. 2020): the decay per optimiser
+    # step (0: off); the averaged weights are the ones evaluated, selected and saved
+    ema: float = 0.0
+    # which weights model.pt holds: ``last`` (the last epoch's) or ``best`` (the epoch with the
+    # best validation robust accuracy, Rice et al. 2020; needs data.val_split > 0)
+    keep: str = "last"
 
 
 _FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:e[-+]?\d+)?)\s*/\s*(\d+(?:\.\d*)?)\s*$", re.I)
@@ -410,6 +420,16 @@ def validate_config(cfg: TrainConfig) -> None:
             isinstance(cfg.perf.amp, bool) or cfg.perf.amp.lower() in ("auto", "bf16", "fp32"),
             f"perf.amp must be auto, bf16 or fp32, got '{cfg.perf.amp}' (fp16 is not supported: "
             "it needs loss scaling and small attack input gradients can underflow in it)",
+        ),
+        (
+            0.0 <= cfg.data.val_split < 1.0,
+            f"data.val_split must be in [0, 1), got {cfg.data.val_split}",
+        ),
+        (0.0 <= cfg.ema < 1.0, f"ema must be a decay in [0, 1) (0: off), got {cfg.ema}"),
+        (cfg.keep in ("last", "best"), f"keep must be last or best, got '{cfg.keep}'"),
+        (
+            cfg.keep != "best" or cfg.data.val_split > 0,
+            "keep: best selects by validation accuracy: set data.val_split (e.g. 0.1) too",
         ),
         (cfg.analysis.n >= 1, "analysis.n must be >= 1"),
         (cfg.analysis.grid >= 3, "analysis.grid must be >= 3"),

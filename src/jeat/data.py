@@ -51,6 +51,7 @@ __all__ = [
     "dataset_slug",
     "default_data_dir",
     "augment_batch",
+    "split_validation",
     "download_file",
     "md5sum",
     "MNIST_MIRRORS",
@@ -150,12 +151,52 @@ class ImageDataset:
     y_train: torch.Tensor = field(repr=False)
     x_test: torch.Tensor = field(repr=False)
     y_test: torch.Tensor = field(repr=False)
+    # a validation split held out from the training images (:func:`split_validation`)
+    x_val: torch.Tensor | None = field(default=None, repr=False)
+    y_val: torch.Tensor | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
+        val = f", val={len(self.x_val)}" if self.x_val is not None else ""
         return (
-            f"ImageDataset({self.info.name!r}, train={len(self.x_train)}, "
+            f"ImageDataset({self.info.name!r}, train={len(self.x_train)}{val}, "
             f"test={len(self.x_test)}, shape={tuple(self.info.shape)})"
         )
+
+
+def split_validation(data: ImageDataset, share: float, seed: int) -> ImageDataset:
+    """Hold out ``share`` of the training images as a validation split, stratified by class
+    and drawn with ``seed``; the test images are never touched.
+
+    Every class with at least two training images gives ``round(share * n)`` of them (at least
+    one, and never all). Returns a new :class:`ImageDataset` whose ``x_train`` lacks the held
+    out images (in their original order) and whose ``x_val`` holds them.
+    """
+    if isinstance(share, bool) or not 0.0 < float(share) < 1.0:
+        raise JeatError(f"validation share must be in (0, 1), got {share!r}")
+    g = torch.Generator().manual_seed(int(seed))
+    y = data.y_train.cpu()
+    held = torch.zeros(len(y), dtype=torch.bool)
+    for c in torch.unique(y).tolist():
+        idx = (y == c).nonzero().flatten()
+        if len(idx) < 2:
+            continue
+        k = min(len(idx) - 1, max(1, round(float(share) * len(idx))))
+        held[idx[torch.randperm(len(idx), generator=g)[:k]]] = True
+    if not held.any():
+        raise JeatError(
+            f"{len(y)} training images are too few to hold out a validation split of {share:g}"
+        )
+    keep = (~held).to(data.x_train.device)
+    val = held.to(data.x_train.device)
+    return ImageDataset(
+        data.info,
+        data.x_train[keep],
+        data.y_train[keep],
+        data.x_test,
+        data.y_test,
+        data.x_train[val],
+        data.y_train[val],
+    )
 
 
 class RawSplit(NamedTuple):

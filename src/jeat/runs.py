@@ -3,10 +3,12 @@
 A run lives in one folder::
 
     RUN/config.yaml          resolved config (what was run)
-    RUN/run.json             versions, command line, dataset and model facts
+    RUN/run.json             versions, command line, dataset and model facts; ``kept``: which
+                         epoch's weights model.pt holds and why
     RUN/metrics.jsonl        one JSON line per epoch
     RUN/events.jsonl         divergences detected and recovered from (if any)
     RUN/checkpoints/last.pt  latest checkpoint (atomic; model, optimiser, objective state)
+RUN/checkpoints/best.pt  the best validation epoch's weights (``keep: best``)
     RUN/model.pt             final weights + metadata (what eval/generate load)
     RUN/eval.json            final robustness table (+ eval.md, curve-pgd20-linf.{csv,png})
     RUN/samples.png          class-conditional samples, one row per class
@@ -60,6 +62,10 @@ class RunPaths:
     @property
     def checkpoint(self) -> Path:
         return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "checkpoints" / "best.pt"
 
     @property
     def model(self) -> Path:

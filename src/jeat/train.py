@@ -43,7 +43,14 @@ from jeat import distributed
 from jeat.accel import Accelerator
 from jeat.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from jeat.config import TrainConfig, config_to_dict, validate_config
-from jeat.data import DatasetInfo, ImageDataset, augment_batch, dataset_info, load_dataset
+from jeat.data import (
+    DatasetInfo,
+    ImageDataset,
+    augment_batch,
+    dataset_info,
+    load_dataset,
+    split_validation,
+)
 from jeat.distributed import DistContext, ObjectiveStep
 from jeat.errors import JeatError
 from jeat.evaluate import EvalResult, evaluate
@@ -91,11 +98,14 @@ class TrainResult:
 
 def train_view(cfg: TrainConfig, data: ImageDataset) -> ImageDataset:
     """The data a run of ``cfg`` trains on: the first ``data.train_subset`` training images
-    (all when it is None) and the whole test set."""
+    (all when it is None) less the validation split ``data.val_split`` held out of them (seeded
+    by the run's seed, :func:`jeat.data.split_validation`), and the whole test set."""
     m = cfg.data.train_subset
-    if m is None:
-        return data
-    return ImageDataset(data.info, data.x_train[:m], data.y_train[:m], data.x_test, data.y_test)
+    if m is not None:
+        data = ImageDataset(data.info, data.x_train[:m], data.y_train[:m], data.x_test, data.y_test)
+    if cfg.data.val_split > 0:
+        data = split_validation(data, cfg.data.val_split, derive_seed(cfg.seed, 17))
+    return data
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -163,25 +173,71 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 def _epoch_check(
     cfg: TrainConfig, model: nn.Module, data: ImageDataset, device: torch.device, epoch: int
 ) -> dict[str, float]:
-    """Clean (and PGD) accuracy on the first ``eval.epoch_n`` test points."""
-    n = min(cfg.eval.epoch_n, len(data.x_test))
-    if n <= 0:
-        return {}
+    """Clean (and PGD-``eval.epoch_steps``) accuracy on the validation split, when the run
+    holds one out, and on the first ``eval.epoch_n`` test points (``val_*`` and ``test_*``)."""
     attacks = ["clean"] + ([f"pgd{cfg.eval.epoch_steps}"] if cfg.eval.epoch_steps > 0 else [])
-    res = evaluate(
-        model,
-        data.x_test[:n],
-        data.y_test[:n],
-        attacks,
-        eval_threat(cfg, data.info),
-        batch_size=cfg.eval.batch_size,
-        seed=derive_seed(cfg.seed, epoch, 7),
-        mode="independent",
-    )
-    out = {"test_clean_acc": res.rows[0].accuracy}
-    if len(res.rows) > 1:
-        out["test_pgd_acc"] = res.rows[1].accuracy
+    parts = [("test", data.x_test[: max(0, cfg.eval.epoch_n)], data.y_test[: cfg.eval.epoch_n])]
+    if data.x_val is not None and data.y_val is not None:
+        parts.insert(0, ("val", data.x_val, data.y_val))
+    out: dict[str, float] = {}
+    for name, x, y in parts:
+        if len(x) == 0:
+            continue
+        res = evaluate(
+            model,
+            x,
+            y,
+            attacks,
+            eval_threat(cfg, data.info),
+            batch_size=cfg.eval.batch_size,
+            seed=derive_seed(cfg.seed, epoch, 7),
+            mode="independent",
+        )
+        out[f"{name}_clean_acc"] = float(res.rows[0].accuracy or 0.0)
+        if len(res.rows) > 1:
+            out[f"{name}_pgd_acc"] = float(res.rows[1].accuracy or 0.0)
     return out
+
+
+def selection_metric(row: dict[str, Any]) -> tuple[str, float] | None:
+    """What ``keep: best`` selects by in an epoch's metrics row: the validation PGD accuracy,
+    or the validation clean accuracy when the per-epoch check runs no attack."""
+    for key in ("val_pgd_acc", "val_clean_acc"):
+        if key in row:
+            return key, float(row[key])
+    return None
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging, as Gowal et al.
+    2020 use for adversarial training): after optimiser step ``t``,
+    ``avg = d * avg + (1 - d) * weights`` with ``d = min(decay, (1 + t) / (10 + t))``, so the
+    early average follows the fast-moving weights. Buffers (batch-norm statistics) are copied.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise JeatError(f"weight-average decay must be in (0, 1), got {decay}")
+        self.decay = float(decay)
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1.0 + step) / (10.0 + step))
+        avg = [p for p in self.module.parameters()]
+        now = [p.detach() for p in model.parameters()]
+        torch._foreach_mul_(avg, d)
+        torch._foreach_add_(avg, now, alpha=1.0 - d)
+        for b_avg, b_now in zip(self.module.buffers(), model.buffers(), strict=True):
+            b_avg.copy_(b_now)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
+        load_state_into(self.module, state, path, "weight average")
 
 
 def _warm_start(model: nn.Module, cfg: TrainConfig, info: DatasetInfo) -> None:
@@ -346,6 +402,9 @@ class _Loop:
         self.accel = Accelerator.from_perf(self.device, cfg.perf)
         self.model = model  # the module whose weights are saved
         net = self.accel.prepare(model)  # on the device; compiled when asked
+        self.ema = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
+        # the best validation epoch so far (keep: best): {"epoch", "metric", "value"}
+        self.best: dict[str, Any] | None = None
         self.optimizer = make_optimizer(cfg, self.model)
         self.meta = run_meta(cfg, data.info)
         self.start_epoch, self.start_step = 0, 0
@@ -396,6 +455,11 @@ class _Loop:
     def restore(self, payload: dict[str, Any]) -> None:
         ckpt = self.paths.checkpoint
         load_state_into(self.model, payload["model_state"], ckpt, "model")
+        if self.ema is not None:
+            if "ema_state" not in payload:
+                raise JeatError(f"checkpoint {ckpt} holds no weight average to resume ema from")
+            self.ema.load_state_dict(payload["ema_state"], ckpt)
+        self.best = payload.get("best")
         try:
             self.optimizer.load_state_dict(payload["optimizer_state"])
         except (ValueError, KeyError) as exc:
@@ -464,7 +528,7 @@ class _Loop:
 
     def remove_new_files(self, folder_existed: bool) -> None:
         p = self.paths
-        for f in (p.config, p.run_info, p.metrics, p.events):
+        for f in (p.config, p.run_info, p.metrics, p.events, p.best):
             f.unlink(missing_ok=True)
         if p.tensorboard.exists():
             import shutil
@@ -479,7 +543,7 @@ class _Loop:
             yaml.safe_dump(config_to_dict(self.cfg), fh, sort_keys=False)
 
     def state(self, epoch: int, step: int) -> dict[str, Any]:
-        return {
+        state = {
             "meta": self.meta,
             "config": config_to_dict(self.cfg),
             "model_state": self.model.state_dict(),
@@ -490,7 +554,36 @@ class _Loop:
             "sums": self.sums,
             "lr_scale": self.lr_scale,
             "recoveries": self.recoveries,
+            "best": self.best,
         }
+        if self.ema is not None:
+            state["ema_state"] = self.ema.state_dict()
+        return state
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are checked, selected and saved: the average when ``ema`` is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def select(self, row: dict[str, Any]) -> None:
+        """``keep: best``: write ``checkpoints/best.pt`` when this epoch's validation accuracy
+        is at least the best so far (ties go to the later, longer-trained epoch)."""
+        picked = selection_metric(row) if self.cfg.keep == "best" else None
+        if picked is None:
+            return
+        metric, value = picked
+        if self.best is not None and value < float(self.best["value"]):
+            return
+        save_checkpoint(
+            self.paths.best,
+            {
+                "meta": self.meta,
+                "config": config_to_dict(self.cfg),
+                "model_state": self.evaluated.state_dict(),
+                "epoch": int(row["epoch"]),
+            },
+        )
+        self.best = {"epoch": int(row["epoch"]), "metric": metric, "value": value}
 
     def checkpoint(self, epoch: int, step: int) -> None:
         """Write the checkpoint (rank 0, with every rank's objective state) and keep an
@@ -533,6 +626,9 @@ class _Loop:
         assert self.good is not None
         good = self.good
         self.model.load_state_dict(good["model_state"])
+        if self.ema is not None:
+            self.ema.load_state_dict(good["ema_state"], self.paths.checkpoint)
+        self.best = good.get("best")
         self.optimizer.load_state_dict(good["optimizer_state"])
         self.objective.load_state_dict(good["objective_state"])
         self.objective.reset_state()
@@ -590,7 +686,8 @@ class _Loop:
         row["epoch_seconds"] = time.perf_counter() - t0
         self.sums = {}
         if self.main:
-            row.update(_epoch_check(cfg, self.model, self.data, self.device, epoch))
+            row.update(_epoch_check(cfg, self.evaluated, self.data, self.device, epoch))
+            self.select(row)
             self.metrics.append(row)
             _write_metrics(self.paths.metrics, self.metrics)
             self.log_tensorboard(row)
@@ -638,6 +735,8 @@ class _Loop:
         if cfg.optim.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, epoch * self.steps_per_epoch + step)
         batch = {"loss": values[1], "acc": values[2] * 100, "n": n}
         batch.update({k: values[3 + i] for i, k in enumerate(keys)})
         for k, v in batch.items():
@@ -667,23 +766,71 @@ class _Loop:
 
     # ----------------------------------------------------------------- outputs
     def finish(self, resumed: bool) -> TrainResult:
-        """Save ``model.pt`` (rank 0) and return the finished run."""
+        """Save ``model.pt`` (rank 0) with the weights ``keep`` and ``ema`` pick, record which
+        epoch was kept and why (``run.json``'s ``kept``), and return the finished run."""
         cfg, paths, model = self.cfg, self.paths, self.model
         if self.main:
+            kept = self.kept()
+            state = self.evaluated.state_dict()
+            if kept["keep"] == "best":
+                state = load_checkpoint(paths.best)["model_state"]
+            load_state_into(model, state, paths.best, "model")
             save_checkpoint(
                 paths.model,
                 {
                     "meta": self.meta,
                     "config": config_to_dict(cfg),
                     "model_state": model.state_dict(),
+                    "kept": kept,
                 },
             )
+            info = json.loads(paths.run_info.read_text()) if paths.run_info.exists() else {}
+            write_json(paths.run_info, {**info, "kept": kept})
+            print(f"kept {kept['why']}")
             print(f"wrote {paths.model}")
+        elif self.ema is not None:
+            model.load_state_dict(self.ema.state_dict())
         model.eval()
         resumed_from = self.start_epoch if resumed else None
         return TrainResult(
             paths, model, self.metrics, None, resumed_from, True, self.data, self.full_data
         )
+
+    def kept(self) -> dict[str, Any]:
+        """Which weights ``model.pt`` holds and why (written into ``run.json`` as ``kept``)."""
+        cfg = self.cfg
+        averaged = f"the weight average (decay {cfg.ema:g})" if self.ema is not None else ""
+        what = averaged or "the weights"
+        last = self.metrics[-1] if self.metrics else {}
+        if cfg.keep == "best" and self.best is not None:
+            metric, value = self.best["metric"], float(self.best["value"])
+            final = last.get(metric)
+            attack = f"PGD-{cfg.eval.epoch_steps}" if metric == "val_pgd_acc" else "clean"
+            n_val = 0 if self.data.x_val is None else len(self.data.x_val)
+            why = (
+                f"{what} of epoch {self.best['epoch']} of {cfg.epochs}: the best validation "
+                f"{attack} accuracy, {value:.1f}% on {n_val} held-out training images"
+                + (f" (last epoch: {float(final):.1f}%)" if final is not None else "")
+            )
+            return {
+                "keep": "best",
+                "epoch": int(self.best["epoch"]),
+                "epochs": cfg.epochs,
+                "metric": metric,
+                "value": value,
+                "last_value": None if final is None else float(final),
+                "val_size": n_val,
+                "ema": cfg.ema,
+                "why": why,
+            }
+        reason = "keep: last" if cfg.keep == "last" else "keep: best, but no epoch was checked"
+        return {
+            "keep": "last",
+            "epoch": cfg.epochs,
+            "epochs": cfg.epochs,
+            "ema": cfg.ema,
+            "why": f"{what} of the last epoch, {cfg.epochs} ({reason})",
+        }
 
 
 class _Divergence(Exception):
