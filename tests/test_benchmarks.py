@@ -120,3 +120,37 @@ def test_eval_cost_counts_each_variants_work_and_the_bound_below_it(monkeypatch)
     batch = eval_cost.batch_part([("tiny", model, x)], repeats=1)
     assert set(batch["tiny"]["seconds_per_row_step"]) == {16, 64, 256, 1024}
     assert "| tiny |" in eval_cost.batch_table(batch)
+
+
+def test_frontier_smoke_trains_the_plain_loop_at_the_recipes_budget(tmp_path):
+    out = tmp_path / "frontier"
+    cmd = [sys.executable, str(BENCH / "frontier.py"), "--budget", "smoke", "--out", str(out),
+           "--threads", "1"]  # fmt: skip
+    r = _run(cmd, tmp_path)
+    results = _outputs(out)
+    cells = results["cells"]
+    # per seed at the full budget: both jeat recipes and the plain loop; seed 0 at half budget
+    keys = {(c["recipe"], c["fraction"], c["seed"]) for c in cells}
+    for recipe in ("pgd-at", "jeat", "plain"):
+        assert {(recipe, 1.0, 0), (recipe, 1.0, 1), (recipe, 0.5, 0)} <= keys
+    budget = {c["seed"]: c["train_seconds"] for c in cells if c["recipe"] == "pgd-at"
+              and c["fraction"] == 1.0}  # fmt: skip
+    for c in cells:
+        assert 0 <= c["worst_case"] <= c["pgd20"] <= c["clean"] <= 100
+        assert c["worst_case"] <= c["autoattack_fast"] and c["n_test"] == 24
+        if c["recipe"] == "plain":
+            # the plain loop gets the pgd-at recipe's seconds of the same seed (a fraction of
+            # them at the smaller budget) and stops at the first epoch end past it (less half
+            # an epoch)
+            want = budget[c["seed"]] * c["fraction"]
+            assert c["budget_seconds"] == pytest.approx(want)
+            assert c["train_seconds"] >= want - c["last_epoch_seconds"] / 2
+    diff = results["summary"]["digits"]["best_minus_plain"]
+    assert diff["b"] == "plain" and diff["n"] == 2 and diff["low"] <= diff["mean"] <= diff["high"]
+    assert "the plain loop, worst case" in r.stdout
+    assert (out / "frontier-digits.png").stat().st_size > 0
+    # a second run resumes every cell from its cell.json
+    again = _run(cmd, tmp_path)
+    lines = [ln for ln in again.stdout.splitlines() if ln.startswith("cells/")]
+    assert len(lines) == len(cells) and all(ln.endswith("(reused)") for ln in lines)
+    assert _outputs(out)["cells"] == cells
