@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from jeat.config import config_to_dict, load_config
 from jeat.data import ImageDataset, dataset_slug, list_datasets, load_dataset
 from jeat.distributed import from_env
-from jeat.errors import JeatError
+from jeat.errors import WRITE_ERRNOS, EnvironmentFailure, JeatError, environment_failure
 from jeat.models import list_models
 from jeat.objectives import list_objectives
 from jeat.userdata import parse_source
@@ -99,10 +99,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _train_overrides(args))
     out = Path(args.out or f"runs/{dataset_slug(cfg.data.name)}-{cfg.objective.name}-s{cfg.seed}")
     from jeat.distributed import from_env
+    from jeat.runs import RunPaths
 
-    result = train_and_finish(
-        cfg, out, resume=args.resume, argv=["jeat", *sys.argv[1:]], stop_after=args.stop_after
-    )
+    try:
+        result = train_and_finish(
+            cfg, out, resume=args.resume, argv=["jeat", *sys.argv[1:]], stop_after=args.stop_after
+        )
+    except EnvironmentFailure as exc:
+        if exc.errno not in WRITE_ERRNOS or not RunPaths(out).checkpoint.exists():
+            raise
+        raise EnvironmentFailure(
+            f"{exc}; the last checkpoint is intact: continue with jeat train --out {out} --resume",
+            exc.path,
+            exc.errno,
+        ) from None
     if from_env().is_main:
         print(f"run folder: {result.paths.root}")
     return 0
@@ -1054,7 +1064,15 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.func(args) or 0)
     except JeatError as exc:
         print(f"jeat: error: {exc}", file=sys.stderr)
-        code = JeatError.exit_code
+        code = exc.exit_code
+    except (OSError, RuntimeError) as exc:
+        # a write that did not go through jeat.utils.atomic_write (TensorBoard's event files,
+        # an appended log line) on a read-only or full disk: the same one line
+        failure = environment_failure(exc, errnos=WRITE_ERRNOS)
+        if failure is None:
+            raise
+        print(f"jeat: error: {failure}", file=sys.stderr)
+        code = failure.exit_code
     except KeyboardInterrupt:
         print("jeat: interrupted; a training run continues with --resume", file=sys.stderr)
         code = 130
