@@ -1,11 +1,15 @@
 """The ``jeat`` command line: a thin layer over the Python API.
 
-Every problem the user can fix ends in one line ``jeat: error: ...`` and exit status 2.
+Every problem the user can fix ends in one line ``jeat: error: ...`` and exit status 2: bad
+input, and the machine refusing a write (a read-only or full disk, no permission: see
+``docs/reliability.md``). A command that writes into a run folder holds it while it runs
+(:mod:`jeat.locks`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -116,6 +120,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     if from_env().is_main:
         print(f"run folder: {result.paths.root}")
     return 0
+
+
+_OUT_HINT = "wait for it to end, or write elsewhere with --out"
+
+
+def _hold_outputs(args: argparse.Namespace, *paths: str | Path | None) -> None:
+    """Hold the run folders that ``paths`` (the command's output files or folders) lie in
+    until the command ends (:func:`main` releases them): one process writes a run folder at a
+    time, and a second stops at once, naming the first."""
+    from jeat.locks import hold_folder
+    from jeat.runs import run_folder_of
+
+    for path in paths:
+        folder = run_folder_of(path) if path is not None else None
+        if folder is not None:
+            args.holds.enter_context(hold_folder(folder, hint=_OUT_HINT))
 
 
 def _run_data(
@@ -285,6 +305,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.device = str(device)
     try:
         model, meta, cfg, data, n, threat, context = _eval_setup(args)
+        # a defended table never takes the place of the run's own eval.json (the report reads
+        # it)
+        out = _out_base(args, _defended_name("eval", meta) + ".json")
+        if shards is None or shards.is_main:  # the first process writes the files
+            _hold_outputs(args, out, args.per_point)
         x, y = data.x_test[:n], data.y_test[:n]
         seed = args.seed if args.seed is not None else derive_seed(cfg.seed, 11)
         attacks = _csv(args.attacks) if args.attacks else None
@@ -298,8 +323,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if shards is not None and not shards.is_main:
         return 0  # the first process prints and writes the (gathered, identical) table
     defended = _defence_line(meta)
-    # a defended table never takes the place of the run's own eval.json (the report reads it)
-    out = _out_base(args, _defended_name("eval", meta) + ".json")
     payload: dict = {"dataset": meta["dataset"], "run": str(args.run), **result.to_dict()}
     if defended:
         payload["defences"] = meta["defences"]
@@ -465,9 +488,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
     spec = parse_attack(args.attack)
     if spec.kind == "clean":
         raise JeatError("'clean' is not an attack; name one, e.g. --attack pgd20")
+    out = _out_base(args, _defended_name(f"adv-{spec.kind}", meta) + ".npz")
     seed = 0 if args.seed is None else args.seed
     context.seed = seed
     built = build_attack(spec, threat, context)
+    _hold_outputs(args, out)
     x, y = data.x_test[:n].to(context.device), data.y_test[:n].to(context.device)
     x_adv = x
     for _name, attack, _category in built.stages:  # composite attacks: their own cascade
@@ -486,7 +511,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if meta.get("defences"):
         print(_defence_line(meta))
     print(f"{spec.label} on {n} points: clean {clean_acc:.2f}%, under attack {adv_acc:.2f}%")
-    out = _out_base(args, _defended_name(f"adv-{spec.kind}", meta) + ".npz")
     with atomic_write(out, "wb") as fh:
         np.savez_compressed(
             fh,
@@ -533,6 +557,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     assert data is not None
     args.run = sources[0]
     out = _out_base(args, "analysis")
+    _hold_outputs(args, out)
     result = final_analysis(
         runs,
         data,
@@ -551,6 +576,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from jeat.report import write_report
 
+    _hold_outputs(args, Path(args.out) if args.out else Path(args.run) / "report.html")
     print(f"wrote {write_report(args.run, args.out)}")
     return 0
 
@@ -559,6 +585,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from jeat.compare import compare
 
     labels = _csv(args.labels) if args.labels else None
+    _hold_outputs(args, args.out)
     out = compare(args.runs, args.out, args.allow_mixed, labels, args.reanalyze, args.device)
     print(f"wrote {out}")
     return 0
@@ -580,9 +607,10 @@ def cmd_certify(args: argparse.Namespace) -> int:
         gamma = float(cfg.objective.options.get("gamma", 2.0))
     rhos = [float(_eps(t)) for t in _csv(args.rho)]
     n = len(data.x_test) if args.n is None or args.n <= 0 else min(args.n, len(data.x_test))
+    out = _out_base(args, "certify-wrm.json")
+    _hold_outputs(args, out)
     cert = wrm_certificate(model, data.x_test[:n], data.y_test[:n], gamma, rhos)
     print(cert.table())
-    out = _out_base(args, "certify-wrm.json")
     write_json(out, {"dataset": meta["dataset"], "run": str(args.run), **cert.to_dict()})
     png = cert.plot(out.with_suffix(".png"))
     print(f"wrote {out}\nwrote {png}")
@@ -622,8 +650,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.n is not None:
         cfg.generate.n_per_class = args.n
     classes = _int_list(args.classes) if args.classes else None
-    images, labels = generate_samples(model, data, cfg, classes, seed=args.seed)
     out = _out_base(args, "samples.png")
+    _hold_outputs(args, out, args.npz)
+    images, labels = generate_samples(model, data, cfg, classes, seed=args.seed)
     g = cfg.generate
     save_image_grid(images, out, nrow=grid_width(g, len(images)))
     print(f"wrote {out}")
@@ -704,6 +733,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     real = data.x_train if args.real == "train" else data.x_test
     if n_real is not None and n_real < len(real):
         real = real[torch.randperm(len(real), generator=gen)[:n_real]]
+    out = Path(args.out) if args.out else Path(args.samples).with_suffix(".scores.json")
+    _hold_outputs(args, out)
     backends = []
     if args.backend in ("auto", "judge"):
         backends.append(JudgeBackend(load_judge(data.info.name, args.judge, args.image_size)))
@@ -719,7 +750,6 @@ def cmd_score(args: argparse.Namespace) -> int:
         s = score_samples(backend, images, real, labels, splits)
         print(f"{backend.name:<13} {s.line()}")
         results[backend.name] = s.to_dict()
-    out = Path(args.out) if args.out else Path(args.samples).with_suffix(".scores.json")
     write_json(
         out,
         {"samples": str(args.samples), "against": data.info.name, "real": args.real, **results},
@@ -1060,8 +1090,10 @@ def main(argv: list[str] | None = None) -> int:
     from jeat.accel import tune_host_allocator
 
     tune_host_allocator()  # reuse freed host memory (opt out: JEAT_MALLOC=system)
+    args.holds = contextlib.ExitStack()  # the run folders the command holds (_hold_outputs)
     try:
-        code = int(args.func(args) or 0)
+        with args.holds:
+            code = int(args.func(args) or 0)
     except JeatError as exc:
         print(f"jeat: error: {exc}", file=sys.stderr)
         code = exc.exit_code
