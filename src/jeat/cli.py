@@ -101,6 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jeat.finish import train_and_finish
 
     cfg = load_config(args.config, _train_overrides(args))
+    if args.eps is not None:  # the L-inf budgets here; L2 ones once the images' size is known
+        _check_eps(cfg.objective.attack.norm, args.eps)
+        _check_eps(cfg.eval.norm, args.eps)
     out = Path(args.out or f"runs/{dataset_slug(cfg.data.name)}-{cfg.objective.name}-s{cfg.seed}")
     from jeat.distributed import from_env
     from jeat.runs import RunPaths
@@ -250,7 +253,7 @@ def _eval_setup(args: argparse.Namespace):
     if args.eps is not None:
         if args.eps < 0:
             raise JeatError(f"--eps must be >= 0, got {args.eps}")
-        cfg.eval.eps = args.eps
+        cfg.eval.eps = _check_eps(cfg.eval.norm, args.eps, data.info.shape)
     if args.n is not None:
         cfg.eval.n = None if args.n <= 0 else args.n
     if args.batch_size < 1:
@@ -283,7 +286,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from jeat.diagnose import INDICATORS, REMEDIES, parse_names
     from jeat.distributed import setup, teardown
     from jeat.finish import final_evaluation
-    from jeat.sanity import CURVE_FACTORS, robustness_curve, sanity_checks, write_curve
+    from jeat.sanity import curve_budgets, robustness_curve, sanity_checks, write_curve
     from jeat.utils import atomic_write, derive_seed, write_json
 
     if args.fix and not args.diagnose:
@@ -312,6 +315,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             _hold_outputs(args, out, args.per_point)
         x, y = data.x_test[:n], data.y_test[:n]
         seed = args.seed if args.seed is not None else derive_seed(cfg.seed, 11)
+        curve_eps = None
+        if args.curve:  # the curve's budgets are checked before any attack runs
+            curve_eps = (
+                [_check_eps(threat.norm, _eps(t), data.info.shape, "--curve-eps")
+                 for t in _csv(args.curve_eps)]
+                if args.curve_eps
+                else curve_budgets(threat, data.info.shape)
+            )  # fmt: skip
         attacks = _csv(args.attacks) if args.attacks else None
         result = final_evaluation(
             cfg, model, data, attacks, args.mode, context, not args.quiet, seed, shards,
@@ -359,18 +370,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             args, model, x, y, result, threat, cfg, seed, context, indicators, remedies, payload
         )
     if args.curve:
-        eps_values = (
-            [float(_eps(t)) for t in _csv(args.curve_eps)]
-            if args.curve_eps
-            else [f * threat.eps for f in CURVE_FACTORS]
-        )
+        assert curve_eps is not None
         curve = robustness_curve(
             model,
             x,
             y,
             args.curve,
             threat,
-            eps_values,
+            curve_eps,
             cfg.eval.batch_size,
             seed,
             context,
@@ -555,6 +562,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             name += "'"
         runs[name] = (model, cfg)
     assert data is not None
+    if args.eps is not None:
+        _check_eps("linf", args.eps)
     args.run = sources[0]
     out = _out_base(args, "analysis")
     _hold_outputs(args, out)
@@ -1067,6 +1076,14 @@ def _eps(text: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise argparse.ArgumentTypeError(f"not a number: {text}")
     return float(value)
+
+
+def _check_eps(norm: str, eps: float, shape=None, what: str = "--eps") -> float:
+    """``--eps`` read as a budget that someone means (:func:`jeat.attacks.threats.check_budget`:
+    an L-inf budget of 8 was meant as 8/255)."""
+    from jeat.attacks.threats import check_budget
+
+    return check_budget(norm, eps, shape, what)
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ from jeat.evaluate import EvalContext, EvalResult, evaluate
 from jeat.locks import hold_folder
 from jeat.runs import eval_threat
 from jeat.samplers import generate
-from jeat.sanity import CURVE_FACTORS, Curve, robustness_curve, write_curve
+from jeat.sanity import Curve, curve_budgets, robustness_curve, write_curve
 from jeat.train import TRAIN_HINT, TrainResult, train
 from jeat.utils import atomic_write, derive_seed, save_image_grid, write_json
 
@@ -167,8 +167,8 @@ def generate_samples(
 
 
 def final_curve(cfg: TrainConfig, model: nn.Module, data: ImageDataset) -> Curve:
-    """Accuracy under ``eval.curve`` at :data:`jeat.sanity.CURVE_FACTORS` times the budget, on
-    the final evaluation's points."""
+    """Accuracy under ``eval.curve`` at :data:`jeat.sanity.CURVE_FACTORS` times the budget
+    (:func:`jeat.sanity.curve_budgets`), on the final evaluation's points."""
     n = len(data.x_test) if cfg.eval.n is None else min(cfg.eval.n, len(data.x_test))
     threat = eval_threat(cfg, data.info)
     return robustness_curve(
@@ -177,7 +177,7 @@ def final_curve(cfg: TrainConfig, model: nn.Module, data: ImageDataset) -> Curve
         data.y_test[:n],
         str(cfg.eval.curve),
         threat,
-        [f * threat.eps for f in CURVE_FACTORS],
+        curve_budgets(threat, data.info.shape),
         cfg.eval.batch_size,
         derive_seed(cfg.seed, 11),
     )

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from jeat.attacks import ThreatModel, make_threat
+from jeat.attacks.threats import check_budget
 from jeat.checkpoint import load_checkpoint, load_state_into
 from jeat.config import TrainConfig, config_from_dict
 from jeat.data import DatasetInfo
@@ -184,4 +185,4 @@ def eval_threat(cfg: TrainConfig, info: DatasetInfo) -> ThreatModel:
     eps = cfg.eval.eps
     if eps is None:
         eps = info.eps_l2 if norm == "l2" else info.eps_linf
-    return make_threat(norm, eps)
+    return make_threat(norm, check_budget(norm, eps, info.shape, "eval.eps"))

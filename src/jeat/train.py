@@ -214,6 +214,7 @@ def _prepare_run(
     torch.manual_seed(derive_seed(cfg.seed, 0, 0, 0))  # the initial weights depend on the seed
     model = build_model(cfg, info)
     objective = create_objective(cfg.objective, info)
+    eval_threat(cfg, info)  # the evaluation budget (eval.eps), checked before any file
     make_optimizer(cfg, model)
     lr_factor(cfg, 0, 1)
     paths = RunPaths(out)
