@@ -18,9 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 
-def _run(cmd: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def _run(
+    cmd: list[str], tmp_path: Path, timeout: int = 1800, python: str = sys.executable
+) -> subprocess.CompletedProcess:
+    """Run a script to its end and check it succeeded. ``timeout`` only stops a hung script:
+    nothing here depends on how long a script takes (the machine may be loaded)."""
     # scripts that start python (device_check.sh: $PYTHON) use the interpreter of the tests
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHON": python}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
@@ -80,17 +84,34 @@ def test_memory_estimate_measures_and_writes_the_measurement_into_its_table(tmp_
 
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
 def test_device_check_writes_a_summary_and_packs_it(tmp_path):
-    """The GPU check's plumbing on the CPU: the chosen steps run under their limits, the
-    summary names each step's exit status, --pack leaves the summary and one tarball."""
+    """The GPU check's plumbing on the CPU: the chosen steps run, the summary names each
+    step's exit status, --pack leaves the summary and one tarball. The budget (hours) is far
+    beyond what these steps take on any machine, however loaded: what a step's limit does is
+    the next test's, with a step that never ends."""
     out = tmp_path / "check"
     cmd = ["bash", str(BENCH / "device_check.sh"), "--device", "cpu", "--only", "env,tests",
-           "--budget-s", "60", "--out", str(out), "--pack"]  # fmt: skip
+           "--budget-s", "100000", "--out", str(out), "--pack"]  # fmt: skip
     _run(cmd, tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["device_check.tar.gz", "summary.md"]
     summary = (out / "summary.md").read_text()
     assert "## env: exit 0" in summary and "## tests: exit 0" in summary
     if not torch.cuda.is_available():
         assert "needs a CUDA device" in summary  # the CUDA tests skip here, saying why
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
+def test_device_check_stops_a_step_at_its_limit_and_says_so(tmp_path):
+    """A step that never ends (its python sleeps) is stopped at its limit, whatever the load,
+    the summary says so, and the check still packs what it has."""
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\n[ "$1" = -m ] && exit 0  # pip: nothing to install\nsleep 600\n')
+    python.chmod(0o755)
+    out = tmp_path / "check"
+    cmd = ["bash", str(BENCH / "device_check.sh"), "--device", "cpu", "--only", "env",
+           "--budget-s", "2", "--out", str(out), "--pack"]  # fmt: skip
+    _run(cmd, tmp_path, python=str(python))
+    assert sorted(p.name for p in out.iterdir()) == ["device_check.tar.gz", "summary.md"]
+    assert "## env: exit 124 (stopped at its 2s limit)" in (out / "summary.md").read_text()
 
 
 def test_eval_cost_counts_each_variants_work_and_the_bound_below_it(monkeypatch):

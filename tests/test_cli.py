@@ -156,6 +156,7 @@ def test_every_budget_option_takes_fractions():
         (["eval", "RUN", "--attacks", "clean,deepfool"], "unknown attack 'deepfool'"),
         (["eval", "RUN", "--attacks", "pgd0"], "at least 1 step"),
         (["eval", "RUN", "--eps", "-0.1"], "--eps must be >= 0"),
+        (["eval", "RUN", "--eps", "8"], "write 8/255"),  # an L-inf budget above 1: never meant
         (["eval", "RUN", "--attacks", "pgd5:eps=-1"], "eps must be"),
         (["eval", "RUN", "--attacks", "sgm"], "needs a source model"),
         (["attack", "RUN", "--attack", "clean"], "not an attack"),

@@ -2,7 +2,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -48,50 +47,94 @@ def test_same_seed_same_weights_and_metrics_are_written(tmp_path):
     assert not _states_equal(a.model.state_dict(), c.model.state_dict())
 
 
-def test_killed_run_resumes_to_identical_weights(tmp_path):
-    """A real SIGKILL mid-training, then --resume: same final weights as an uninterrupted run.
+KILL_ARGS = [
+    "--set", "model.options.width=8", "--set", "objective.attack.steps=3",
+    "--set", "data.train_subset=200", "--epochs", "3", "--quiet",
+    "--set", "checkpoint_every_steps=3", "--set", "final_eval=false",
+    "--set", "final_samples=false", "--set", "eval.epoch_n=0",
+    "--set", "final_analysis=false", "--set", "final_scores=false",
+    "--set", "final_report=false", "--set", "tensorboard=false",
+]  # fmt: skip
 
-    Checkpoints every 5 steps (4 steps an epoch, so the first lands mid-epoch 2); the kill is
-    sent the moment the first checkpoint exists, with 35 of the 40 steps still to run, so it
-    leaves it no time to finish first, even on a fast machine."""
-    args = [
-        "--set", "model.options.width=8", "--set", "objective.attack.steps=3",
-        "--set", "data.train_subset=400", "--epochs", "10", "--quiet",
-        "--set", "checkpoint_every_steps=5", "--set", "final_eval=false",
-        "--set", "final_samples=false", "--set", "eval.epoch_n=0",
-        "--set", "final_analysis=false", "--set", "final_scores=false",
-        "--set", "final_report=false",
-    ]  # fmt: skip
-    cmd = [sys.executable, "-m", "jeat.cli", "train", *args]
-    ref = tmp_path / "ref"
-    subprocess.run([*cmd, "--out", str(ref)], check=True, capture_output=True)
+# `jeat train` that sends itself SIGNAL in the middle of writing its second checkpoint (half of
+# it is in the temporary file): at the same point of the run whatever the machine's load
+_KILLED_MID_WRITE = """
+import os, sys
+import jeat.train
+from jeat.checkpoint import save_checkpoint
+from jeat.utils import atomic_save
+
+sig, calls = int(sys.argv[1]), []
+
+def save(path, payload):
+    if os.path.basename(path) == "last.pt":
+        calls.append(path)
+        if len(calls) == 2:
+            def half(fh):
+                fh.write(b"half a checkpoint")
+                fh.flush()
+                os.kill(os.getpid(), sig)
+            atomic_save(path, half)
+    return save_checkpoint(path, payload)
+
+jeat.train.save_checkpoint = save
+from jeat.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from jeat.cli import main
+
+    ref = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert main(["train", *KILL_ARGS, "--out", str(ref)]) == 0
+    return ref
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"]
+)
+def test_killed_run_resumes_to_identical_weights(tmp_path, capsys, uninterrupted, sig):
+    """A real signal mid-training (SIGKILL, SIGTERM, Ctrl-C's SIGINT), sent by the run itself
+    halfway through writing its second checkpoint, then --resume: the same final weights as an
+    uninterrupted run. 4 steps an epoch and a checkpoint every 3 steps and at each epoch's end,
+    so the first checkpoint is mid-epoch 1 and the run resumes from there. A kill leaves the
+    temporary file and the run folder's lock file behind: neither blocks the resume. Ctrl-C
+    removes both and says how to go on (exit 130)."""
+    from jeat.cli import main
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [*cmd, "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    ckpt = RunPaths(run).checkpoint
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not RunPaths(run).model.exists(), "the run finished before it could be killed"
-    state = load_checkpoint(ckpt)
-    print(f"\nkilled after epoch {state['epoch']} step {state['step']}")
-    assert state["format"] == "jeat-checkpoint-v1"  # the atomic write left a whole file
+    r = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_WRITE, str(int(sig)), "train", *KILL_ARGS,
+         "--out", str(run)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    left = sorted(p.name for p in run.rglob("*"))
+    if sig == signal.SIGINT:
+        assert r.returncode == 130, r.stderr
+        assert r.stderr.strip().splitlines()[-1] == (
+            "jeat: interrupted; a training run continues with --resume"
+        )
+        assert not [f for f in left if f.endswith(".tmp") or f == ".lock"]
+    else:
+        assert r.returncode == -sig, r.stderr
+        assert [f for f in left if f.endswith(".tmp")] and ".lock" in left
+    assert not RunPaths(run).model.exists()
+    state = load_checkpoint(RunPaths(run).checkpoint)  # the atomic write left a whole file
+    assert (state["epoch"], state["step"]) == (0, 3)
 
-    again = subprocess.run([*cmd, "--out", str(run)], capture_output=True, text=True)
-    assert again.returncode == 2 and "--resume" in again.stderr  # refuses to overwrite
-    done = subprocess.run([*cmd, "--out", str(run), "--resume"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "resuming" in done.stdout
-    a, _, _ = load_trained(ref)
+    capsys.readouterr()
+    assert main(["train", *KILL_ARGS, "--out", str(run)]) == 2  # refuses to overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", *KILL_ARGS, "--out", str(run), "--resume"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    a, _, _ = load_trained(uninterrupted)
     b, _, _ = load_trained(run)
     assert _states_equal(a.state_dict(), b.state_dict())
-    assert not list(run.rglob("*.tmp"))
+    assert not list(run.rglob("*.tmp")) and not (run / ".lock").exists()
     rows = (run / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["epoch"] for r in rows] == list(range(1, 11))
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3]
 
 
 def test_stop_after_then_resume_equals_an_uninterrupted_run(tmp_path):

@@ -1,11 +1,15 @@
 """The ``jeat`` command line: a thin layer over the Python API.
 
-Every problem the user can fix ends in one line ``jeat: error: ...`` and exit status 2.
+Every problem the user can fix ends in one line ``jeat: error: ...`` and exit status 2: bad
+input, and the machine refusing a write (a read-only or full disk, no permission: see
+``docs/reliability.md``). A command that writes into a run folder holds it while it runs
+(:mod:`jeat.locks`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -16,7 +20,7 @@ from typing import TYPE_CHECKING
 from jeat.config import config_to_dict, load_config
 from jeat.data import ImageDataset, dataset_slug, list_datasets, load_dataset
 from jeat.distributed import from_env
-from jeat.errors import JeatError
+from jeat.errors import WRITE_ERRNOS, EnvironmentFailure, JeatError, environment_failure
 from jeat.models import list_models
 from jeat.objectives import list_objectives
 from jeat.userdata import parse_source
@@ -97,15 +101,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jeat.finish import train_and_finish
 
     cfg = load_config(args.config, _train_overrides(args))
+    if args.eps is not None:  # the L-inf budgets here; L2 ones once the images' size is known
+        _check_eps(cfg.objective.attack.norm, args.eps)
+        _check_eps(cfg.eval.norm, args.eps)
     out = Path(args.out or f"runs/{dataset_slug(cfg.data.name)}-{cfg.objective.name}-s{cfg.seed}")
     from jeat.distributed import from_env
+    from jeat.runs import RunPaths
 
-    result = train_and_finish(
-        cfg, out, resume=args.resume, argv=["jeat", *sys.argv[1:]], stop_after=args.stop_after
-    )
+    try:
+        result = train_and_finish(
+            cfg, out, resume=args.resume, argv=["jeat", *sys.argv[1:]], stop_after=args.stop_after
+        )
+    except EnvironmentFailure as exc:
+        if exc.errno not in WRITE_ERRNOS or not RunPaths(out).checkpoint.exists():
+            raise
+        raise EnvironmentFailure(
+            f"{exc}; the last checkpoint is intact: continue with jeat train --out {out} --resume",
+            exc.path,
+            exc.errno,
+        ) from None
     if from_env().is_main:
         print(f"run folder: {result.paths.root}")
     return 0
+
+
+_OUT_HINT = "wait for it to end, or write elsewhere with --out"
+
+
+def _hold_outputs(args: argparse.Namespace, *paths: str | Path | None) -> None:
+    """Hold the run folders that ``paths`` (the command's output files or folders) lie in
+    until the command ends (:func:`main` releases them): one process writes a run folder at a
+    time, and a second stops at once, naming the first."""
+    from jeat.locks import hold_folder
+    from jeat.runs import run_folder_of
+
+    for path in paths:
+        folder = run_folder_of(path) if path is not None else None
+        if folder is not None:
+            args.holds.enter_context(hold_folder(folder, hint=_OUT_HINT))
 
 
 def _run_data(
@@ -220,7 +253,7 @@ def _eval_setup(args: argparse.Namespace):
     if args.eps is not None:
         if args.eps < 0:
             raise JeatError(f"--eps must be >= 0, got {args.eps}")
-        cfg.eval.eps = args.eps
+        cfg.eval.eps = _check_eps(cfg.eval.norm, args.eps, data.info.shape)
     if args.n is not None:
         cfg.eval.n = None if args.n <= 0 else args.n
     if args.batch_size < 1:
@@ -253,7 +286,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from jeat.diagnose import INDICATORS, REMEDIES, parse_names
     from jeat.distributed import setup, teardown
     from jeat.finish import final_evaluation
-    from jeat.sanity import CURVE_FACTORS, robustness_curve, sanity_checks, write_curve
+    from jeat.sanity import curve_budgets, robustness_curve, sanity_checks, write_curve
     from jeat.utils import atomic_write, derive_seed, write_json
 
     if args.fix and not args.diagnose:
@@ -275,8 +308,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.device = str(device)
     try:
         model, meta, cfg, data, n, threat, context = _eval_setup(args)
+        # a defended table never takes the place of the run's own eval.json (the report reads
+        # it)
+        out = _out_base(args, _defended_name("eval", meta) + ".json")
+        if shards is None or shards.is_main:  # the first process writes the files
+            _hold_outputs(args, out, args.per_point)
         x, y = data.x_test[:n], data.y_test[:n]
         seed = args.seed if args.seed is not None else derive_seed(cfg.seed, 11)
+        curve_eps = None
+        if args.curve:  # the curve's budgets are checked before any attack runs
+            curve_eps = (
+                [_check_eps(threat.norm, _eps(t), data.info.shape, "--curve-eps")
+                 for t in _csv(args.curve_eps)]
+                if args.curve_eps
+                else curve_budgets(threat, data.info.shape)
+            )  # fmt: skip
         attacks = _csv(args.attacks) if args.attacks else None
         result = final_evaluation(
             cfg, model, data, attacks, args.mode, context, not args.quiet, seed, shards,
@@ -288,8 +334,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if shards is not None and not shards.is_main:
         return 0  # the first process prints and writes the (gathered, identical) table
     defended = _defence_line(meta)
-    # a defended table never takes the place of the run's own eval.json (the report reads it)
-    out = _out_base(args, _defended_name("eval", meta) + ".json")
     payload: dict = {"dataset": meta["dataset"], "run": str(args.run), **result.to_dict()}
     if defended:
         payload["defences"] = meta["defences"]
@@ -326,18 +370,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             args, model, x, y, result, threat, cfg, seed, context, indicators, remedies, payload
         )
     if args.curve:
-        eps_values = (
-            [float(_eps(t)) for t in _csv(args.curve_eps)]
-            if args.curve_eps
-            else [f * threat.eps for f in CURVE_FACTORS]
-        )
+        assert curve_eps is not None
         curve = robustness_curve(
             model,
             x,
             y,
             args.curve,
             threat,
-            eps_values,
+            curve_eps,
             cfg.eval.batch_size,
             seed,
             context,
@@ -455,9 +495,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
     spec = parse_attack(args.attack)
     if spec.kind == "clean":
         raise JeatError("'clean' is not an attack; name one, e.g. --attack pgd20")
+    out = _out_base(args, _defended_name(f"adv-{spec.kind}", meta) + ".npz")
     seed = 0 if args.seed is None else args.seed
     context.seed = seed
     built = build_attack(spec, threat, context)
+    _hold_outputs(args, out)
     x, y = data.x_test[:n].to(context.device), data.y_test[:n].to(context.device)
     x_adv = x
     for _name, attack, _category in built.stages:  # composite attacks: their own cascade
@@ -476,7 +518,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if meta.get("defences"):
         print(_defence_line(meta))
     print(f"{spec.label} on {n} points: clean {clean_acc:.2f}%, under attack {adv_acc:.2f}%")
-    out = _out_base(args, _defended_name(f"adv-{spec.kind}", meta) + ".npz")
     with atomic_write(out, "wb") as fh:
         np.savez_compressed(
             fh,
@@ -521,8 +562,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             name += "'"
         runs[name] = (model, cfg)
     assert data is not None
+    if args.eps is not None:
+        _check_eps("linf", args.eps)
     args.run = sources[0]
     out = _out_base(args, "analysis")
+    _hold_outputs(args, out)
     result = final_analysis(
         runs,
         data,
@@ -541,6 +585,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from jeat.report import write_report
 
+    _hold_outputs(args, Path(args.out) if args.out else Path(args.run) / "report.html")
     print(f"wrote {write_report(args.run, args.out)}")
     return 0
 
@@ -549,6 +594,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from jeat.compare import compare
 
     labels = _csv(args.labels) if args.labels else None
+    _hold_outputs(args, args.out)
     out = compare(args.runs, args.out, args.allow_mixed, labels, args.reanalyze, args.device)
     print(f"wrote {out}")
     return 0
@@ -570,9 +616,10 @@ def cmd_certify(args: argparse.Namespace) -> int:
         gamma = float(cfg.objective.options.get("gamma", 2.0))
     rhos = [float(_eps(t)) for t in _csv(args.rho)]
     n = len(data.x_test) if args.n is None or args.n <= 0 else min(args.n, len(data.x_test))
+    out = _out_base(args, "certify-wrm.json")
+    _hold_outputs(args, out)
     cert = wrm_certificate(model, data.x_test[:n], data.y_test[:n], gamma, rhos)
     print(cert.table())
-    out = _out_base(args, "certify-wrm.json")
     write_json(out, {"dataset": meta["dataset"], "run": str(args.run), **cert.to_dict()})
     png = cert.plot(out.with_suffix(".png"))
     print(f"wrote {out}\nwrote {png}")
@@ -612,8 +659,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.n is not None:
         cfg.generate.n_per_class = args.n
     classes = _int_list(args.classes) if args.classes else None
-    images, labels = generate_samples(model, data, cfg, classes, seed=args.seed)
     out = _out_base(args, "samples.png")
+    _hold_outputs(args, out, args.npz)
+    images, labels = generate_samples(model, data, cfg, classes, seed=args.seed)
     g = cfg.generate
     save_image_grid(images, out, nrow=grid_width(g, len(images)))
     print(f"wrote {out}")
@@ -694,6 +742,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     real = data.x_train if args.real == "train" else data.x_test
     if n_real is not None and n_real < len(real):
         real = real[torch.randperm(len(real), generator=gen)[:n_real]]
+    out = Path(args.out) if args.out else Path(args.samples).with_suffix(".scores.json")
+    _hold_outputs(args, out)
     backends = []
     if args.backend in ("auto", "judge"):
         backends.append(JudgeBackend(load_judge(data.info.name, args.judge, args.image_size)))
@@ -709,7 +759,6 @@ def cmd_score(args: argparse.Namespace) -> int:
         s = score_samples(backend, images, real, labels, splits)
         print(f"{backend.name:<13} {s.line()}")
         results[backend.name] = s.to_dict()
-    out = Path(args.out) if args.out else Path(args.samples).with_suffix(".scores.json")
     write_json(
         out,
         {"samples": str(args.samples), "against": data.info.name, "real": args.real, **results},
@@ -1029,6 +1078,14 @@ def _eps(text: str) -> float:
     return float(value)
 
 
+def _check_eps(norm: str, eps: float, shape=None, what: str = "--eps") -> float:
+    """``--eps`` read as a budget that someone means (:func:`jeat.attacks.threats.check_budget`:
+    an L-inf budget of 8 was meant as 8/255)."""
+    from jeat.attacks.threats import check_budget
+
+    return check_budget(norm, eps, shape, what)
+
+
 def _join_negative_values(argv: list[str]) -> list[str]:
     """``--input-range -1,1`` as ``--input-range=-1,1``: argparse would read ``-1,1`` as an
     option, not as the value the documented spelling gives."""
@@ -1050,11 +1107,21 @@ def main(argv: list[str] | None = None) -> int:
     from jeat.accel import tune_host_allocator
 
     tune_host_allocator()  # reuse freed host memory (opt out: JEAT_MALLOC=system)
+    args.holds = contextlib.ExitStack()  # the run folders the command holds (_hold_outputs)
     try:
-        code = int(args.func(args) or 0)
+        with args.holds:
+            code = int(args.func(args) or 0)
     except JeatError as exc:
         print(f"jeat: error: {exc}", file=sys.stderr)
-        code = JeatError.exit_code
+        code = exc.exit_code
+    except (OSError, RuntimeError) as exc:
+        # a write that did not go through jeat.utils.atomic_write (TensorBoard's event files,
+        # an appended log line) on a read-only or full disk: the same one line
+        failure = environment_failure(exc, errnos=WRITE_ERRNOS)
+        if failure is None:
+            raise
+        print(f"jeat: error: {failure}", file=sys.stderr)
+        code = failure.exit_code
     except KeyboardInterrupt:
         print("jeat: interrupted; a training run continues with --resume", file=sys.stderr)
         code = 130

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jeat.errors import JeatError
+from jeat.errors import WRITE_ERRNOS, JeatError, environment_failure
 from jeat.userdata import fingerprint, parse_source, read_user_data, short_name
 
 __all__ = [
@@ -441,6 +441,9 @@ def download_file(url: str, dest: Path, md5: str | None) -> Path:
                 out.flush()
                 os.fsync(out.fileno())
         except (urllib.error.URLError, OSError, ValueError) as e:
+            failure = environment_failure(e, dest, WRITE_ERRNOS)  # a full disk, not the network
+            if failure is not None:
+                raise failure from None
             reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
             raise JeatError(
                 f"could not download {url}: {reason}; check the network connection or place "
@@ -500,6 +503,9 @@ def _extract_folder(archive: Path, folder_name: str, target: Path) -> None:
                     kwargs["filter"] = "data"
                 tar.extractall(tmp_dir, members=members, **kwargs)
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            failure = environment_failure(e, target, WRITE_ERRNOS)  # a full disk: not corrupt
+            if failure is not None:
+                raise failure from None
             raise JeatError(
                 f"archive {archive} is corrupt ({e}); delete it and download it again"
             ) from e

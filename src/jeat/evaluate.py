@@ -55,6 +55,7 @@ from jeat.attacks import (
     model_mode,
     model_width,
 )
+from jeat.attacks.threats import check_budget, check_step_size
 from jeat.energy import check_labels
 from jeat.errors import JeatError
 
@@ -282,13 +283,24 @@ def _switch(options: dict, key: str, label: str) -> bool:
     raise JeatError(f"{label}: option {key} must be 0 or 1, got {value!r}")
 
 
-def _threat(spec: AttackSpec, default: ThreatModel) -> ThreatModel:
+def _threat(spec: AttackSpec, default: ThreatModel, context: EvalContext) -> ThreatModel:
     norm, eps = spec.options.get("norm"), spec.options.get("eps")
     if norm is None and eps is None:
         return default
-    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))):
-        raise JeatError(f"{spec.label}: option eps must be a number, got {eps!r}")
-    return make_threat(str(norm or default.norm), default.eps if eps is None else float(eps))
+    norm = str(norm or default.norm)
+    if eps is not None:
+        eps = check_budget(norm, eps, context.image_shape, f"{spec.label}: option eps")
+    return make_threat(norm, default.eps if eps is None else eps)
+
+
+def _step_size(o: dict, label: str, th: ThreatModel, context: EvalContext) -> float | None:
+    """The ``step_size`` option: None (the attack's default), or a step > 0 that means
+    something in the threat's norm (:func:`jeat.attacks.threats.check_step_size`)."""
+    value = o["step_size"]
+    if value is None:
+        return None
+    what = f"{label}: option step_size"
+    return check_step_size(th.norm, value, th.eps, context.image_shape, what)
 
 
 def _adaptive(
@@ -309,7 +321,7 @@ def build_attack(spec: AttackSpec, threat: ThreatModel, context: EvalContext) ->
     label = spec.label
     if spec.kind == "clean":
         return BuiltAttack(spec, None, [("clean", _identity, "clean")])
-    th = _threat(spec, threat)
+    th = _threat(spec, threat, context)
     if spec.kind == "fgsm":
         fgsm = FGSM(th, loss=str(o["loss"]))
         fgsm.eot = _number(o, "eot", label, 1, integer=True)
@@ -321,7 +333,7 @@ def build_attack(spec: AttackSpec, threat: ThreatModel, context: EvalContext) ->
         pgd = PGD(
             th,
             steps=spec.steps or 1,
-            step_size=_number(o, "step_size", label),
+            step_size=_step_size(o, label, th, context),
             loss=loss,
             random_start=bool(o["random_start"]),
             restarts=_number(o, "restarts", label, 1, integer=True),
@@ -385,8 +397,8 @@ def build_attack(spec: AttackSpec, threat: ThreatModel, context: EvalContext) ->
                 f"digits-source --out runs/source) and pass {spec.kind}:source=runs/source"
             )
         gamma = _number(o, "gamma", label)
+        step_size = _step_size(o, label, th, context)
         source = context.source(str(o["source"]))
-        step_size = _number(o, "step_size", label)
         crafted = PGD(
             th,
             steps=_number(o, "steps", label, 1, integer=True),
@@ -1041,7 +1053,7 @@ def evaluate_model(
     x, y = _collect(data)
     if attacks is None:
         attacks = list(load_config(None).eval.attacks)
-    threat = make_threat(str(norm).lower(), float(eps))
+    threat = make_threat(str(norm).lower(), check_budget(norm, eps, tuple(x.shape[1:])))
     return evaluate(
         model,
         x,

@@ -9,6 +9,7 @@ the energy analysis, judge scores and the report, each one switched by the confi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from pathlib import Path
@@ -18,14 +19,15 @@ import torch
 from torch import nn
 
 from jeat import distributed
-from jeat.config import TrainConfig
+from jeat.config import TrainConfig, validate_config
 from jeat.data import ImageDataset
 from jeat.errors import JeatError
 from jeat.evaluate import EvalContext, EvalResult, evaluate
+from jeat.locks import hold_folder
 from jeat.runs import eval_threat
 from jeat.samplers import generate
-from jeat.sanity import CURVE_FACTORS, Curve, robustness_curve, write_curve
-from jeat.train import TrainResult, train
+from jeat.sanity import Curve, curve_budgets, robustness_curve, write_curve
+from jeat.train import TRAIN_HINT, TrainResult, train
 from jeat.utils import atomic_write, derive_seed, save_image_grid, write_json
 
 __all__ = [
@@ -49,11 +51,17 @@ def train_and_finish(
     stop_after: int | None = None,
 ) -> TrainResult:
     """``jeat train``: :func:`jeat.train.train` (same arguments), then, once the run is complete
-    and in the process that writes the folder (rank 0 under ``torchrun``), :func:`finish_run`."""
-    result = train(cfg, out, resume=resume, data=data, argv=argv, stop_after=stop_after)
-    if not result.complete or not distributed.from_env().is_main:
-        return result
-    return finish_run(cfg, result)
+    and in the process that writes the folder (rank 0 under ``torchrun``), :func:`finish_run`.
+    One process holds the run folder throughout (:mod:`jeat.locks`; under torchrun rank 0
+    holds it for the loop, then again for the final steps)."""
+    with contextlib.ExitStack() as stack:
+        if not distributed.from_env().enabled:
+            validate_config(cfg)  # before the folder is touched
+            stack.enter_context(hold_folder(out, hint=TRAIN_HINT))
+        result = train(cfg, out, resume=resume, data=data, argv=argv, stop_after=stop_after)
+        if not result.complete or not distributed.from_env().is_main:
+            return result
+        return finish_run(cfg, result)
 
 
 def finish_run(cfg: TrainConfig, result: TrainResult) -> TrainResult:
@@ -61,6 +69,12 @@ def finish_run(cfg: TrainConfig, result: TrainResult) -> TrainResult:
     into its folder; returns ``result`` with ``eval`` set when the table was computed."""
     if not result.complete or result.data is None:
         raise JeatError(f"{result.paths.root} is not a complete run; finish training it first")
+    with hold_folder(result.paths.root, hint=TRAIN_HINT):
+        return _finish(cfg, result)
+
+
+def _finish(cfg: TrainConfig, result: TrainResult) -> TrainResult:
+    assert result.data is not None
     paths, model, data = result.paths, result.model, result.data
     full = result.full_data if result.full_data is not None else data
     model.eval()
@@ -153,8 +167,8 @@ def generate_samples(
 
 
 def final_curve(cfg: TrainConfig, model: nn.Module, data: ImageDataset) -> Curve:
-    """Accuracy under ``eval.curve`` at :data:`jeat.sanity.CURVE_FACTORS` times the budget, on
-    the final evaluation's points."""
+    """Accuracy under ``eval.curve`` at :data:`jeat.sanity.CURVE_FACTORS` times the budget
+    (:func:`jeat.sanity.curve_budgets`), on the final evaluation's points."""
     n = len(data.x_test) if cfg.eval.n is None else min(cfg.eval.n, len(data.x_test))
     threat = eval_threat(cfg, data.info)
     return robustness_curve(
@@ -163,7 +177,7 @@ def final_curve(cfg: TrainConfig, model: nn.Module, data: ImageDataset) -> Curve
         data.y_test[:n],
         str(cfg.eval.curve),
         threat,
-        [f * threat.eps for f in CURVE_FACTORS],
+        curve_budgets(threat, data.info.shape),
         cfg.eval.batch_size,
         derive_seed(cfg.seed, 11),
     )

@@ -466,6 +466,7 @@ def train_judge(
     from jeat.attacks import LinfBall
     from jeat.data import load_dataset
     from jeat.evaluate import evaluate
+    from jeat.locks import LOCK_NAME, hold_folder
     from jeat.runs import load_trained
     from jeat.train import train
 
@@ -474,18 +475,25 @@ def train_judge(
     )
     folder = Path(folder) if folder is not None else judge_dir(dataset, image_size)
     data = data if data is not None else load_dataset(cfg.data.name, image_size=image_size)
-    if force and folder.exists():
-        if not (folder / "run.json").exists() and not (folder / "model.pt").exists():
-            raise JeatError(f"{folder} exists and is not a jeat run; not removing it")
-        shutil.rmtree(folder)
-    if not (folder / "model.pt").exists():
-        resume = (folder / "checkpoints" / "last.pt").exists()
-        train(cfg, folder, resume=resume, data=data)
-    judge, _, _ = load_trained(folder)
-    table = evaluate(judge, data.x_test, data.y_test, ["clean"], LinfBall(0.0))
-    acc = table.rows[0].accuracy
-    assert acc is not None
-    write_json(folder / "judge.json", {"dataset": cfg.data.name, "test_accuracy": acc})
+    run_files = (folder / "run.json").exists() or (folder / "model.pt").exists()
+    if force and folder.exists() and not run_files:
+        raise JeatError(f"{folder} exists and is not a jeat run; not removing it")
+    # one process trains a judge; another that needs it meanwhile waits, then reuses it
+    with hold_folder(folder, wait=True):
+        if force:
+            for item in folder.iterdir():  # all but the lock this process holds
+                if item.is_dir() and not item.is_symlink():
+                    shutil.rmtree(item)
+                elif item.name != LOCK_NAME:
+                    item.unlink()
+        if not (folder / "model.pt").exists():
+            resume = (folder / "checkpoints" / "last.pt").exists()
+            train(cfg, folder, resume=resume, data=data)
+        judge, _, _ = load_trained(folder)
+        table = evaluate(judge, data.x_test, data.y_test, ["clean"], LinfBall(0.0))
+        acc = table.rows[0].accuracy
+        assert acc is not None
+        write_json(folder / "judge.json", {"dataset": cfg.data.name, "test_accuracy": acc})
     return judge, acc, folder
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from jeat.accel import same_layout
 from jeat.attacks import PGD, make_threat, model_mode
+from jeat.attacks.threats import check_budget, check_step_size
 from jeat.config import AttackConfig, ObjectiveConfig
 from jeat.data import DatasetInfo, ImageDataset
 from jeat.energy import (
@@ -126,7 +127,12 @@ def build_attack(attack: AttackConfig, info: DatasetInfo, scale: float = 1.0) ->
     norm = attack.norm.lower()
     default_eps = info.eps_l2 if norm == "l2" else info.eps_linf
     eps = default_eps if attack.eps is None else attack.eps
-    step = attack.step_size if attack.step_size is not None else 2.5 * eps / attack.steps
+    eps = check_budget(norm, eps, info.shape, "objective.attack.eps")
+    if attack.step_size is None:
+        step = 2.5 * eps / attack.steps
+    else:
+        what = "objective.attack.step_size"
+        step = check_step_size(norm, attack.step_size, eps, info.shape, what)
     return PGD(
         make_threat(norm, eps * scale),
         steps=attack.steps,

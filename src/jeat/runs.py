@@ -16,9 +16,12 @@ RUN/checkpoints/best.pt  the best validation epoch's weights (``keep: best``)
     RUN/scores.json          judge-IS / judge-FID of generated samples (jeat.metrics)
     RUN/report.html          everything above on one self-contained page (jeat.report)
     RUN/tensorboard/         TensorBoard event files, when tensorboard is installed
+    RUN/.lock                while a process writes the folder (jeat.locks): who it is
 
 :mod:`jeat.train` writes the first six (the loop), :mod:`jeat.finish` the rest (a run's final
-steps). Models from anywhere else (a user's code, TorchScript, ``torch.export``) load through
+steps). Every command that writes into a run folder holds it (:func:`jeat.locks.hold_folder`
+on the folder :func:`run_folder_of` finds), so that one process at a time writes there. Models
+from anywhere else (a user's code, TorchScript, ``torch.export``) load through
 :func:`jeat.sources.load_model`, which calls :func:`load_trained` for run folders.
 """
 
@@ -32,15 +35,24 @@ import torch
 from torch import nn
 
 from jeat.attacks import ThreatModel, make_threat
+from jeat.attacks.threats import check_budget
 from jeat.checkpoint import load_checkpoint, load_state_into
 from jeat.config import TrainConfig, config_from_dict
 from jeat.data import DatasetInfo
 from jeat.errors import JeatError
+from jeat.locks import LOCK_NAME
 from jeat.models import create_model
 from jeat.utils import resolve_device
 from jeat.version import __version__
 
-__all__ = ["RunPaths", "build_model", "run_meta", "load_trained", "eval_threat"]
+__all__ = [
+    "RunPaths",
+    "build_model",
+    "run_meta",
+    "load_trained",
+    "eval_threat",
+    "run_folder_of",
+]
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,21 @@ class RunPaths:
     @property
     def samples(self) -> Path:
         return self.root / "samples.png"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_NAME
+
+
+def run_folder_of(path: str | Path) -> Path | None:
+    """The run folder that a file (or folder) at ``path`` lies in: the nearest of ``path`` (a
+    folder) or its parents that holds ``run.json`` or a lock file; None when there is none."""
+    p = Path(path).absolute()
+    start = p if p.is_dir() else p.parent
+    for d in (start, *start.parents):
+        if (d / "run.json").is_file() or (d / LOCK_NAME).is_file():
+            return d
+    return None
 
 
 def build_model(cfg: TrainConfig, info: DatasetInfo) -> nn.Sequential:
@@ -164,4 +191,4 @@ def eval_threat(cfg: TrainConfig, info: DatasetInfo) -> ThreatModel:
     eps = cfg.eval.eps
     if eps is None:
         eps = info.eps_l2 if norm == "l2" else info.eps_linf
-    return make_threat(norm, eps)
+    return make_threat(norm, check_budget(norm, eps, info.shape, "eval.eps"))

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from jeat.attacks import ThreatModel
+from jeat.attacks.threats import check_budget
 from jeat.errors import JeatError
 from jeat.evaluate import table_warnings
 
@@ -44,10 +45,19 @@ __all__ = [
     "robustness_curve",
     "write_curve",
     "CURVE_FACTORS",
+    "curve_budgets",
 ]
 
 # the default budgets of a robustness curve, as multiples of the threat model's eps
 CURVE_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+
+
+def curve_budgets(threat: ThreatModel, shape: tuple[int, ...]) -> list[float]:
+    """The default curve's budgets: :data:`CURVE_FACTORS` times the threat's, without those
+    past the largest budget that means anything (1 for L-inf, the images' diameter for L2)."""
+    values = [f * threat.eps for f in CURVE_FACTORS]
+    limit = 1.0 if threat.norm == "linf" else math.sqrt(math.prod(shape))
+    return [v for v in values if v <= limit]
 
 
 @dataclass
@@ -105,9 +115,10 @@ def robustness_curve(
     spec = parse_attack(attack)
     if spec.kind in ("clean", "roa"):
         raise JeatError(f"a robustness curve needs an attack with a budget eps, not '{attack}'")
-    values = sorted(float(e) for e in eps_values)
-    if not values or any(not math.isfinite(e) or e < 0 for e in values):
-        raise JeatError(f"curve budgets must be finite numbers >= 0, got {eps_values}")
+    if not eps_values:
+        raise JeatError("a robustness curve needs at least one budget")
+    shape = tuple(x.shape[1:])
+    values = sorted(check_budget(threat.norm, e, shape, "a curve budget") for e in eps_values)
     acc = []
     for eps in values:
         if eps == 0:

@@ -25,6 +25,7 @@ roll-backs it stops with a clear error.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -54,6 +55,7 @@ from jeat.data import (
 from jeat.distributed import DistContext, ObjectiveStep
 from jeat.errors import JeatError
 from jeat.evaluate import EvalResult, evaluate
+from jeat.locks import LOCK_NAME, hold_folder
 from jeat.objectives import Objective, create_objective
 from jeat.runs import RunPaths, build_model, eval_threat, load_trained, run_meta
 from jeat.utils import atomic_write, derive_seed, resolve_device, write_json
@@ -268,6 +270,7 @@ def _prepare_run(
     torch.manual_seed(derive_seed(cfg.seed, 0, 0, 0))  # the initial weights depend on the seed
     model = build_model(cfg, info)
     objective = create_objective(cfg.objective, info)
+    eval_threat(cfg, info)  # the evaluation budget (eval.eps), checked before any file
     make_optimizer(cfg, model)
     lr_factor(cfg, 0, 1)
     paths = RunPaths(out)
@@ -281,7 +284,7 @@ def _prepare_run(
             raise JeatError(f"{out} holds a finished run with no checkpoint to resume from")
         payload = load_checkpoint(paths.checkpoint)
         _check_resume_config(payload.get("config", {}), cfg, out)
-    elif out.exists() and any(out.iterdir()) and not resume:
+    elif out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not resume:
         raise JeatError(f"{out} exists and is not empty; choose a new --out folder")
     if payload is None and cfg.model.init_from:
         _warm_start(model, cfg, info)
@@ -321,13 +324,39 @@ def train(
     ):
         raise JeatError(f"stop_after must be an epoch number >= 1, got {stop_after!r}")
     out = Path(out)
+    validate_config(cfg)  # before the folder is touched
     ctx, device = distributed.setup(cfg.device)
     try:
-        # the run lives in its own frame, so that its DDP wrapper (which holds the process
-        # group) is garbage by the time the group is destroyed
-        return _run(cfg, out, resume, data, argv, stop_after, ctx, device)
+        with _hold_run_folder(out, ctx):
+            # the run lives in its own frame, so that its DDP wrapper (which holds the process
+            # group) is garbage by the time the group is destroyed
+            return _run(cfg, out, resume, data, argv, stop_after, ctx, device)
     finally:
         distributed.teardown(ctx)
+
+
+TRAIN_HINT = "wait for it to end, or train into another --out folder"
+
+
+@contextlib.contextmanager
+def _hold_run_folder(out: Path, ctx: DistContext):
+    """One writer per run folder (:mod:`jeat.locks`): rank 0 holds ``out`` for the whole run;
+    under torchrun every rank learns at once whether it could, so that all stop with its
+    error."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if ctx.is_main:
+            try:
+                stack.enter_context(hold_folder(out, hint=TRAIN_HINT))
+            except JeatError as exc:
+                error = exc
+        if ctx.enabled:
+            told = ctx.all_gather(None if error is None else str(error))[0]
+            if error is None and told is not None:
+                error = JeatError(told)
+        if error is not None:
+            raise error
+        yield
 
 
 def _run(

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from jeat.errors import JeatError
+from jeat.errors import WRITE_ERRNOS, JeatError, environment_failure
 
 __all__ = [
     "atomic_write",
@@ -38,24 +38,42 @@ def _umask() -> int:
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Write ``path`` through a temporary file in the same folder, then rename it into place.
 
-    A crash or error mid-write leaves the previous file (if any) untouched and no partial file.
-    The file gets the permissions a plain ``open`` would give it (``0o666`` less the umask),
-    not the temporary file's private ``0o600``.
+    A crash or error mid-write leaves the previous file (if any) untouched and no partial file:
+    the temporary file is removed on any failure. The file gets the permissions a plain
+    ``open`` would give it (``0o666`` less the umask), not the temporary file's private
+    ``0o600``.
+
+    This is where jeat writes every file, so this is where the machine's refusals become
+    one-line errors: a read-only, full or over-quota disk, a folder without write permission
+    (also when they surface inside the caller's writer, as ``torch.save``'s ``RuntimeError``
+    over the ``OSError`` of a full disk) raise :class:`jeat.errors.EnvironmentFailure` naming
+    ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        failure = environment_failure(exc, path)
+        if failure is None:
+            raise
+        raise failure from None
+    committing = False
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as fh:
             yield fh
+            committing = True
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
+        failure = environment_failure(exc, path, None if committing else WRITE_ERRNOS)
+        if failure is None or isinstance(exc, JeatError) or not isinstance(exc, Exception):
+            raise
+        raise failure from None
 
 
 def atomic_save(path: str | os.PathLike, writer: Callable[[IO[bytes]], None]) -> Path:

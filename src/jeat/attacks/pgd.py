@@ -15,7 +15,6 @@ Attacks leave the model as they found it: the train/eval mode of every submodule
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from jeat.attacks.base import check_images, logits_of, model_mode, model_width
-from jeat.attacks.threats import ThreatModel
+from jeat.attacks.threats import ThreatModel, check_step_size
 from jeat.energy import check_labels, cross_entropy_from_logits, dlr_from_logits, margin_from_logits
 from jeat.errors import JeatError
 
@@ -136,8 +135,8 @@ class PGD:
         attack_loss(self.loss)
         if self.step_size is None:
             self.step_size = self.threat.default_step_size
-        if not math.isfinite(self.step_size) or self.step_size < 0:
-            raise JeatError(f"attack step size must be >= 0, got {self.step_size}")
+        # > 0: a zero step never moves (which only a zero budget means)
+        self.step_size = check_step_size(None, self.step_size, self.eps, what="attack step size")
 
     @property
     def eps(self) -> float:
