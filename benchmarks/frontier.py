@@ -40,7 +40,7 @@ Layout of ``--out``::
     cells/<dataset>/<recipe>/f<fraction>/seed<k>/cell.json   one measured cell
 
 A cell whose ``cell.json`` exists is skipped, so a killed benchmark resumes; jeat runs live in
-``--work`` (default ``<out>/../frontier-work``, not committed).
+``--work`` (default ``runs/frontier-work`` under the repository, which git ignores).
 
 Usage::
 
@@ -469,7 +469,7 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="results folder (cells resume from it)")
-    p.add_argument("--work", help="where the jeat runs are trained (default: beside --out)")
+    p.add_argument("--work", help="where the jeat runs are trained (default: runs/frontier-work)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="full")
     p.add_argument("--datasets", help="comma-separated subset of the budget's datasets")
     p.add_argument("--seeds", type=int, help="seeds at the full budget (default: per dataset)")
@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown dataset(s) {unknown}; this budget has {list(budgets)}")
     out = Path(args.out)
-    work = Path(args.work) if args.work else out.parent / f"{out.name}-work"
+    work = Path(args.work) if args.work else ROOT / "runs" / "frontier-work"
     rows: list[dict[str, Any]] = []
     budget_of: dict[tuple[str, int], float] = {}
     for name in names:

@@ -146,7 +146,7 @@ def test_eval_cost_counts_each_variants_work_and_the_bound_below_it(monkeypatch)
 def test_frontier_smoke_trains_the_plain_loop_at_the_recipes_budget(tmp_path):
     out = tmp_path / "frontier"
     cmd = [sys.executable, str(BENCH / "frontier.py"), "--budget", "smoke", "--out", str(out),
-           "--threads", "1"]  # fmt: skip
+           "--work", str(tmp_path / "work"), "--threads", "1"]  # fmt: skip
     r = _run(cmd, tmp_path)
     results = _outputs(out)
     cells = results["cells"]

@@ -104,6 +104,11 @@ def test_keep_best_saves_the_best_validation_epoch_and_says_why(tmp_path):
     for k, v in model["model_state"].items():
         assert torch.equal(v, best["model_state"][k])
         assert torch.equal(run.model.state_dict()[k], v)
+    # the report says so, and draws the validation curves
+    from jeat.report import write_report
+
+    page = write_report(paths.root).read_text()
+    assert f"epoch {best_epoch} of 4: the best validation PGD-3 accuracy" in page
     # the checkpoint holds the raw weights and the average apart
     last = load_checkpoint(paths.checkpoint)
     assert any(

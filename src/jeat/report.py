@@ -368,6 +368,8 @@ def _training_plot(rows: list[dict[str, Any]]) -> bytes:
     axes[0].set_title("training loss")
     for k, label in (
         ("train_acc", "train (on the objective's inputs)"),
+        ("val_clean_acc", "validation clean"),
+        ("val_pgd_acc", "validation PGD (per-epoch check)"),
         ("test_clean_acc", "test clean"),
         ("test_pgd_acc", "test PGD (per-epoch check)"),
     ):
@@ -403,8 +405,15 @@ def _training(run: _Run) -> str:
     tb_line = (
         f"<p>TensorBoard: <code>tensorboard --logdir {_e(tb)}</code></p>" if tb.is_dir() else ""
     )
+    kept = run.info.get("kept")
+    kept_line = (
+        f"<p><code>model.pt</code> holds {_e(kept['why'])}.</p>"
+        if isinstance(kept, dict) and kept.get("why")
+        else ""
+    )
     return (
         _img(_training_plot(rows), "training curves", f"{len(rows)} epochs, from metrics.jsonl")
+        + kept_line
         + "<h3>Last epoch</h3>"
         + table
         + tb_line

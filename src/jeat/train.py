@@ -551,7 +551,7 @@ class _Loop:
             if key in ("epoch", "step") or not isinstance(value, (int, float)):
                 continue
             group, _, name = key.partition("_")
-            tag = f"{group}/{name}" if group in ("train", "test") and name else f"run/{key}"
+            tag = f"{group}/{name}" if group in ("train", "val", "test") and name else f"run/{key}"
             self.tb.add_scalar(tag, value, row["step"])
         self.tb.flush()
 
