@@ -354,8 +354,9 @@ def _headline(run: _Run) -> str:
     elif ref:
         notes.append(
             f"<p>The {_e(REFERENCE_LABEL)} row scores as many real test images as there are "
-            "samples, against the same training images with the same judge: the best a "
-            "generator can expect at this sample count. Precision is the share of samples "
+            "samples (at most all of them), against the same training images with the same "
+            "judge: what a generator whose images the judge cannot tell from real ones would "
+            "score. Precision is the share of samples "
             "that look like real images, recall the share of real images the samples reach "
             '(<a href="#scores">Generation scores</a>).</p>'
         )
