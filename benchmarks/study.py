@@ -11,16 +11,25 @@ JEM++'s informative initialisation).
 
 Per model (a *cell*): clean accuracy, PGD-20, ``autoattack-fast`` (APGD-CE then APGD-T) and the
 worst case over them (independent mode: every attack on every clean-correct point); judge-FID,
-judge-IS and judge accuracy of 1,000 class-conditional samples (``per_class`` x 10) drawn by
-seeded descent and by SGLD, scored against the training images by a judge trained once per
-dataset inside the study folder; and the training time (the sum of the run's epoch times).
+precision, recall, density, coverage, within-class diversity, judge accuracy and judge-IS
+(:func:`jeat.metrics.score_samples`) of 1,000 class-conditional samples (``per_class`` x 10,
+each from its own chain) drawn by seeded descent and by SGLD, scored against the training
+images by a judge trained once per dataset inside the study folder; and the training time (the
+sum of the run's epoch times). Once per dataset and judge, as many real test images are scored
+the same way: the reference, the floor every generation score is read against. The judge-IS
+stays in the JSON but not in the README's tables: with ten classes it saturates (9.56 for
+almost every digits model).
 
 Layout of the study folder (``--out``)::
 
-    summary.json                  means, 95% t-intervals, paired differences (jeat.stats)
-    README.md                     the same as tables
-    judges/<dataset>/             the judge of each dataset (a jeat run folder)
-    cells/<dataset>/<variant>/seed<k>/   a jeat run folder + cell.json (the cell's numbers)
+    summary.json                  means, 95% t-intervals, paired differences, the references
+    README.md                     the same as tables, and the trade-off plots
+    tradeoff-<dataset>.png        worst-case robust accuracy against judge-FID and recall, one
+                                  point per variant (mean, 95% t-intervals), Pareto front marked
+    judges/<dataset>/             the judge of each dataset (a jeat run folder) + reference.json
+    cells/<dataset>/<variant>/seed<k>/   a jeat run folder + cell.json (the cell's numbers),
+                                  samples-<method>.png and .json (each image's chain seed and
+                                  judge verdict)
 
 A cell whose ``cell.json`` exists is finished and skipped, so the study resumes after a kill;
 a cell without it is redone (from its last checkpoint when training was interrupted, from its
@@ -67,12 +76,15 @@ from typing import Any
 import torch
 from common import LEAN_OVERRIDES, ROOT, machine, quiet_stdout
 
+from jeat.compare import write_tradeoff_plots
 from jeat.config import TrainConfig, config_to_dict, load_config
 from jeat.data import ImageDataset, load_dataset
 from jeat.errors import JeatError
-from jeat.finish import final_evaluation, generate_samples
+from jeat.finish import final_evaluation, generate_sample_chains, write_grid_record
 from jeat.metrics import JudgeBackend, score_samples, train_judge
+from jeat.report import REFERENCE_LABEL
 from jeat.runs import load_trained
+from jeat.samplers import Samples
 from jeat.stats import NO_DIFFERENCE, summarize_study, summary_markdown
 from jeat.train import train
 from jeat.utils import atomic_write, save_image_grid, write_json
@@ -117,17 +129,24 @@ KNOBS: dict[str, tuple[str, list[str]]] = {
 KNOB_DATASET = "digits"
 KNOB_SEEDS = 3
 
+SAMPLERS = (("descent", "seeded descent"), ("sgld", "SGLD"))
+# a cell's generation scores per sampler: (metric prefix, GenerationScores field)
+SCORES = (
+    ("fid", "frechet_distance"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("density", "density"),
+    ("coverage", "coverage"),
+    ("diversity", "diversity"),
+    ("judge_acc", "accuracy"),
+    ("is", "inception_score"),  # saturated at ten classes: in the JSON, not in the README
+)
 METRICS = [
     "clean",
     "pgd20",
     "autoattack_fast",
     "worst_case",
-    "fid_descent",
-    "is_descent",
-    "judge_acc_descent",
-    "fid_sgld",
-    "is_sgld",
-    "judge_acc_sgld",
+    *(f"{key}_{m}" for m, _ in SAMPLERS for key, _ in SCORES),
     "train_seconds",
 ]
 DIFFERENCE_METRICS = [
@@ -137,20 +156,29 @@ DIFFERENCE_METRICS = [
     "worst_case",
     "fid_descent",
     "fid_sgld",
+    "recall_descent",
+    "recall_sgld",
 ]
+# the README's tables: robustness, then generation per sampler (with the reference row)
 COLUMNS = [
     ("clean", "clean %", 1),
     ("pgd20", "PGD-20 %", 1),
     ("autoattack_fast", "AA-fast %", 1),
     ("worst_case", "worst %", 1),
-    ("fid_descent", "FID desc.", 1),
-    ("is_descent", "IS desc.", 2),
-    ("judge_acc_descent", "acc desc. %", 1),
-    ("fid_sgld", "FID SGLD", 1),
-    ("is_sgld", "IS SGLD", 2),
-    ("judge_acc_sgld", "acc SGLD %", 1),
     ("train_seconds", "train s", 0),
 ]
+
+
+def generation_columns(method: str) -> list[tuple[str, str, int]]:
+    return [
+        (f"fid_{method}", "judge-FID", 1),
+        (f"precision_{method}", "precision", 3),
+        (f"recall_{method}", "recall", 3),
+        (f"density_{method}", "density", 3),
+        (f"coverage_{method}", "coverage", 3),
+        (f"diversity_{method}", "diversity", 3),
+        (f"judge_acc_{method}", "judge acc. %", 1),
+    ]
 
 
 @dataclass
@@ -389,20 +417,27 @@ def measure_cell(
     backend = JudgeBackend(judge)
     scores: dict[str, Any] = {}
     t0 = time.perf_counter()
-    for method in ("descent", "sgld"):
+    for method, _ in SAMPLERS:
         g = dataclasses.replace(cfg.generate, method=method, conditional=True)
         gen_cfg = dataclasses.replace(cfg, generate=g)
-        images, labels = generate_samples(model, data, gen_cfg, n_per_class=b.per_class)
-        s = score_samples(backend, images, data.x_train, labels, splits=10)
-        scores[method] = s.to_dict()
-        metrics[f"fid_{method}"] = s.frechet_distance
-        metrics[f"is_{method}"] = s.inception_score
-        metrics[f"judge_acc_{method}"] = s.accuracy
-        k, show = data.info.num_classes, min(b.per_class, 8)
-        grid = images.view(k, b.per_class, *data.info.shape)[:, :show]
-        save_image_grid(
-            grid.reshape(-1, *data.info.shape), folder / f"samples-{method}.png", nrow=show
+        chains = generate_sample_chains(model, data, gen_cfg, n_per_class=b.per_class)
+        images, labels = chains.images, chains.labels
+        s = score_samples(
+            backend, images, data.x_train, labels, splits=10, real_labels=data.y_train
         )
+        scores[method] = s.to_dict()
+        for key, name in SCORES:
+            metrics[f"{key}_{method}"] = getattr(s, name)
+        # the grid: the first images of each class, each from its own chain, with the judge's
+        # verdict on each recorded beside it (samples-METHOD.json)
+        k, show = data.info.num_classes, min(b.per_class, 8)
+        keep = torch.arange(k * b.per_class).view(k, b.per_class)[:, :show].reshape(-1)
+        grid = Samples(images[keep], labels[keep] if labels is not None else None,
+                       [chains.seeds[i] for i in keep.tolist()])  # fmt: skip
+        png = folder / f"samples-{method}.png"
+        save_image_grid(grid.images, png, nrow=show)
+        write_grid_record(png, grid, show, judge, folder.parents[3] / "judges" / cell.dataset,
+                          method)  # fmt: skip
     gen_seconds = time.perf_counter() - t0
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     metrics["train_seconds"] = sum(r["epoch_seconds"] for r in rows)
@@ -466,6 +501,42 @@ def judge_for(ds: str, b: Budget, data: ImageDataset, out: Path) -> tuple[torch.
         )
     print(f"judge of {ds}: {time.time() - t0:.0f} s, CPU {time.process_time() - cpu0:.0f} s")
     return judge, acc
+
+
+def reference_for(
+    ds: str, b: Budget, data: ImageDataset, judge: torch.nn.Module, out: Path
+) -> dict[str, Any]:
+    """The reference of dataset ``ds``: as many real test images as a cell scores samples
+    (at most all), scored against the training images like the samples, by the study's judge
+    (:func:`jeat.metrics.score_samples`). Computed once per dataset and judge and cached in
+    ``judges/<ds>/reference.json`` (redone when the sample count differs)."""
+    path = out / "judges" / ds / "reference.json"
+    n = min(b.per_class * data.info.num_classes, len(data.x_test))
+    if path.exists():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("n_samples") == n and cached.get("n_real") == len(data.x_train):
+                return cached
+        except (OSError, ValueError, AttributeError):
+            pass
+    pick = torch.randperm(len(data.x_test), generator=torch.Generator().manual_seed(0))[:n]
+    s = score_samples(JudgeBackend(judge), data.x_test[pick], data.x_train, data.y_test[pick],
+                      splits=10, real_labels=data.y_train)  # fmt: skip
+    record = {key: getattr(s, name) for key, name in SCORES}
+    record.update(images="test", n_samples=s.n_samples, n_real=s.n_real, scores=s.to_dict())
+    write_json(path, record)
+    return record
+
+
+def references(out: Path) -> dict[str, dict[str, Any]]:
+    """Every dataset's cached reference in the study folder (also an earlier invocation's)."""
+    found = {}
+    for path in sorted((out / "judges").glob("*/reference.json")):
+        try:
+            found[path.parent.name] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def goal_check(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -571,6 +642,7 @@ def write_summary(
     invocation's, are among them)."""
     cells = finished_cells(out)
     judges = {**judge_accuracies(out), **judges}
+    refs = references(out)
     variants = list(dict.fromkeys(c["variant"] for c in cells))
     pairs = [(v, "pgdat") for v in variants if v.startswith("jeat")]
     pairs += [(v, "jeat") for v in variants if v.startswith("jeat-")]
@@ -588,10 +660,15 @@ def write_summary(
             "judge_accuracy": judges,
             "attacks": ATTACKS,
             "eval_mode": "independent",
+            # per dataset: real test images scored like the samples (scores without "scores")
+            "reference": {
+                d: {k: v for k, v in r.items() if k != "scores"} for d, r in refs.items()
+            },
         },
     )
     summary["goal"] = goal_check(summary)
     write_json(out / "summary.json", summary)
+    plots = write_tradeoff_plots(summary, out)
     budgets = BUDGETS[args.budget]
     lines = [
         "# Study: objectives over seeds",
@@ -603,10 +680,17 @@ def write_summary(
         "Each entry is the mean over seeds ± the half-width of its 95% t-interval (`n=1`: one "
         "seed, an anecdote, no interval). Accuracies in % of the test points (robustness: "
         "L∞ at the dataset's budget, independent mode; worst = the per-point worst case over "
-        "PGD-20 and autoattack-fast). FID / IS / acc: judge-FID, judge-IS and judge accuracy of "
-        "class-conditional samples by seeded descent and by SGLD against the training images "
-        "(judge-based scores, not Inception Score / FID). train s: the sum of the run's epoch "
-        "times on a shared machine.",
+        "PGD-20 and autoattack-fast). train s: the sum of the run's epoch times on a shared "
+        "machine. Generation: class-conditional samples by seeded descent and by SGLD, each "
+        "image from its own chain, against the training images in the judge's feature space "
+        "(judge-based scores, not Inception Score / FID): judge-FID; precision and recall "
+        "(Kynkäänniemi et al. 2019, k = 3: the share of samples inside the real images' k-NN "
+        "manifold, and of real images inside the samples'); density and coverage (Naeem et al. "
+        "2020, k = 5); diversity (per class, the samples' mean pairwise feature distance over "
+        "the real images', averaged over classes: 1 = as varied as the data); judge acc.: the "
+        f"share judged as the class asked for. The row '{REFERENCE_LABEL}' scores as many "
+        "real test images the same way: the floor. The judge-IS is in `summary.json` but not "
+        "here: at ten classes it saturates (9.56 for nearly every digits model).",
         "",
         "Judges: "
         + ", ".join(f"{d} {a:.1f}% test accuracy" for d, a in judges.items())
@@ -621,12 +705,37 @@ def write_summary(
         "verdict is 'A higher' / 'A lower' when the 95% interval excludes zero, else 'no "
         "difference shown'. For FID lower is better.",
         "",
-        summary_markdown(summary, COLUMNS),
+        *readme_tables(summary, refs, plots),
+        summary_markdown({**summary, "groups": []}, COLUMNS),  # the paired differences
         goal_markdown(summary["goal"]),
     ]
     with atomic_write(out / "README.md", "w") as fh:
         fh.write("\n".join(lines))
     return summary
+
+
+def readme_tables(
+    summary: dict[str, Any], refs: dict[str, dict[str, Any]], plots: dict[str, Path]
+) -> list[str]:
+    """Per dataset: the robustness table, a generation table per sampler with the reference
+    row, and the trade-off plot."""
+    parts = []
+    for dataset in dict.fromkeys(g["dataset"] for g in summary["groups"]):
+        one = {**summary, "groups": [g for g in summary["groups"] if g["dataset"] == dataset],
+               "differences": []}  # fmt: skip
+        parts.append(summary_markdown(one, COLUMNS))
+        ref = refs.get(dataset) or {}
+        for method, name in SAMPLERS:
+            row = {f"{key}_{method}": ref.get(key) for key, _ in SCORES}
+            extra = {dataset: [(REFERENCE_LABEL, row)]} if ref else None
+            parts.append(summary_markdown(one, generation_columns(method),
+                                          f"{{dataset}}: generation by {name}", extra))  # fmt: skip
+        if dataset in plots:
+            parts.append(
+                f"![{dataset}: worst-case robust accuracy against judge-FID and recall]"
+                f"({plots[dataset].name})\n"
+            )
+    return parts
 
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
@@ -649,6 +758,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         data = load_data(ds, b, Path(args.data_dir))
         judge, judge_acc = judge_for(ds, b, data, out)
         judges[ds] = judge_acc
+        reference_for(ds, b, data, judge, out)
         print(f"== {ds}: {len(data.x_train)} train / {len(data.x_test)} test images; judge "
               f"{judge_acc:.1f}% ({time.time() - started:.0f} s)", flush=True)  # fmt: skip
         for cell in ds_cells:
@@ -691,7 +801,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             print(
                 f"{head}: clean {m['clean']:.1f}  pgd20 {m['pgd20']:.1f}  "
                 f"aa {m['autoattack_fast']:.1f}  worst {m['worst_case']:.1f}  "
-                f"fid {m['fid_descent']:.1f}/{m['fid_sgld']:.1f}  train {m['train_seconds']:.0f} s"
+                f"fid {m['fid_descent']:.1f}/{m['fid_sgld']:.1f}  "
+                f"recall {m['recall_descent']:.2f}/{m['recall_sgld']:.2f}  "
+                f"train {m['train_seconds']:.0f} s"
                 f"  cell {record['cell_seconds']:.0f} s, CPU {record['cell_cpu_seconds']:.0f} s"
                 f"  (elapsed {elapsed / 60:.1f} min, "
                 f"about {eta / 60:.0f} min left)",

@@ -74,15 +74,17 @@ NO_CHROMIUM = (
 
 def render_in_chromium(page: Path, tmp_path: Path) -> dict:
     """Open the HTML file ``page`` in headless Chromium (a copy with a probe script) and take a
-    screenshot of it. Returns ``{"images", "loaded", "sections", "shot"}``: how many ``<img>``
-    the page has, how many decoded (``naturalWidth > 0``), the ids of the sections laid out
-    with a non-zero height, in page order, and the screenshot's path."""
+    screenshot of it. Returns ``{"images", "loaded", "decoded", "sections", "shot"}``: how
+    many ``<img>`` the page has, how many decoded (``naturalWidth > 0``), the ``alt`` texts of
+    those that decoded, the ids of the sections laid out with a non-zero height, in page order,
+    and the screenshot's path."""
     probe = (
         "<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
-        "const ok=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;"
+        "const done=imgs.filter(i=>i.complete&&i.naturalWidth>0);"
         "const secs=[...document.querySelectorAll('section')].filter(s=>s.offsetHeight>0)"
         ".map(s=>s.id);document.body.setAttribute('data-probe',JSON.stringify("
-        "{images:imgs.length,loaded:ok,sections:secs}));});</script>"
+        "{images:imgs.length,loaded:done.length,decoded:done.map(i=>i.alt),sections:secs}));"
+        "});</script>"
     )
     html = tmp_path / "probe.html"
     html.write_text(page.read_text().replace("</body>", probe + "</body>"))

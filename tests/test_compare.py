@@ -4,6 +4,7 @@ single-run report opens with."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import shutil
@@ -11,9 +12,10 @@ import shutil
 import numpy as np
 import pytest
 from conftest import CHROMIUM, FAST, FULL, NO_CHROMIUM, cli_fails, jeat_cli, render_in_chromium
+from PIL import Image
 
 from jeat import JeatError
-from jeat.compare import compare, render_compare
+from jeat.compare import compare, pareto_front, render_compare, tradeoff_png
 from jeat.config import load_config
 from jeat.finish import train_and_finish
 from jeat.report import run_results
@@ -58,23 +60,39 @@ def test_compare_puts_two_runs_side_by_side(tmp_path, runs):
     assert r.stdout.strip() == f"wrote {tmp_path / 'c.html'}"
     page = (tmp_path / "c.html").read_text()
     ids = re.findall(r'<section id="([^"]+)">', page)
-    assert ids == ["headline", "robustness", "samples", "energy", "runs"]
-    # self-contained: no script, no external reference; curves, two grids, two energy figures
+    assert ids == ["headline", "tradeoff", "robustness", "samples", "energy", "runs"]
+    # self-contained: no script, no external reference; the trade-off, curves, two grids, two
+    # energy figures
     assert "<script" not in page and not re.search(r'(src|href)="(?!data:|#)', page)
     images = _images(page)
-    assert len(images) == 5 and all(img[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
+    assert len(images) == 6 and all(img[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
     headline = _section(page, "headline")
+    keys = (
+        ("clean", 2),
+        ("worst_case", 2),
+        ("fid_descent", 2),
+        ("precision_descent", 3),
+        ("recall_descent", 3),
+    )
     for run in (a, b):
         res = run_results(run)
         assert {"clean", "worst_case", "fid_descent", "is_descent", "train_seconds"} <= set(res)
         row = re.search(rf"<tr><td>{run.name}</td>.*?</tr>", headline).group(0)
-        for key, digits in (("clean", 2), ("worst_case", 2), ("fid_descent", 2), ("is_descent", 3)):
+        for key, digits in keys:
             assert f"<td>{res[key]:.{digits}f}</td>" in row, (key, row)
+        assert "judge-IS" not in headline.split("</table>")[0]  # saturated: off the headline
         ev = json.loads((run / "eval.json").read_text())
         pgd20 = next(x for x in ev["attacks"] if x["attack"] == "pgd20")["accuracy"]
         assert f"{pgd20:.2f}" in _section(page, "robustness")
         flat = json.loads((run / "analysis" / "analysis.json").read_text())["flatness"]
         assert f"{flat[run.name]['delta_joint']:.4f}" in _section(page, "energy")
+    # the reference row: real test images scored like the samples (of the first run)
+    ref = run_results(a)
+    row = re.search(r"<tr><td>real test images \(reference\)</td>.*?</tr>", headline).group(0)
+    assert f"<td>{ref['ref_fid']:.2f}</td>" in row and f"<td>{ref['ref_recall']:.3f}</td>" in row
+    # each grid image's verdict on hover: one title per image of both runs' grids
+    grid = json.loads((a / "samples.json").read_text())["images"]
+    assert _section(page, "samples").count('<span title="class ') == 2 * len(grid)
     # the configs differ in the objective only (and in nothing the runs share)
     assert "objective.name" in _section(page, "runs") and "1 config keys differ" in page
 
@@ -82,11 +100,11 @@ def test_compare_puts_two_runs_side_by_side(tmp_path, runs):
 def test_labels_name_the_runs_and_reanalyze_measures_them_together(runs):
     a, b = runs["pgd-at"], runs["standard"]
     page = render_compare([a, b], labels=["robust", "plain"], reanalyze=True)
-    assert "<figcaption>robust</figcaption>" in page and "<figcaption>plain</figcaption>" in page
+    assert re.search("<figcaption>robust[;<]", page) and re.search("<figcaption>plain[;<]", page)
     energy = _section(page, "energy")
     assert "Analysed again, together" in energy and "<td>robust</td>" in energy
-    # curves, two grids, and analyze's four figures of both models
-    assert len(_images(page)) == 7
+    # the trade-off, curves, two grids, and analyze's four figures of both models
+    assert len(_images(page)) == 8
     with pytest.raises(JeatError, match="--labels names 1 runs, but 2"):
         render_compare([a, b], labels=["one"])
 
@@ -98,12 +116,14 @@ def test_the_single_run_report_opens_with_the_headline_and_folds_the_config_away
     assert ids[0] == "headline" and ids[-1] == "config"
     res = run_results(run)
     headline = _section(page, "headline")
-    for key, digits in (("clean", 2), ("worst_case", 2), ("fid_descent", 2), ("is_descent", 3)):
+    for key, digits in (("clean", 2), ("worst_case", 2), ("fid_descent", 2),
+                        ("precision_descent", 3), ("recall_descent", 3)):  # fmt: skip
         assert f"<td>{res[key]:.{digits}f}</td>" in headline
     # the same headline as jeat compare's row for the run
     compared = _section(render_compare([run]), "headline")
-    cells = re.findall(r"<td>([^<]*)</td>", headline)[2:]
-    assert re.findall(r"<td>([^<]*)</td>", compared)[3:] == cells
+    first_row = re.compile(r"<tbody><tr>(.*?)</tr>")
+    cells = re.findall(r"<td>([^<]*)</td>", first_row.search(headline).group(1))[2:]
+    assert re.findall(r"<td>([^<]*)</td>", first_row.search(compared).group(1))[3:] == cells
     assert _section(page, "config").count("<details>") == 1
 
 
@@ -113,9 +133,29 @@ def test_compare_renders_in_headless_chromium(tmp_path, runs):
     a screenshot is taken."""
     out = compare([runs["pgd-at"], runs["standard"]], tmp_path / "c.html")
     probe = render_in_chromium(out, tmp_path)
-    assert probe["images"] == 5 and probe["loaded"] == probe["images"]
-    assert probe["sections"] == ["headline", "robustness", "samples", "energy", "runs"]
+    assert probe["images"] == 6 and probe["loaded"] == probe["images"]
+    assert "robust accuracy against generation scores" in probe["decoded"]  # the trade-off
+    assert probe["sections"] == ["headline", "tradeoff", "robustness", "samples", "energy",
+                                 "runs"]  # fmt: skip
     assert probe["shot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_front_and_the_tradeoff_plot():
+    # judge-FID: lower is better; (120, 20) is beaten by (100, 20), (200, 25) by (150, 30)
+    points = [(100.0, 20.0), (150.0, 30.0), (120.0, 20.0), (90.0, 10.0), (200.0, 25.0)]
+    assert pareto_front(points, higher_x_better=False) == [0, 1, 3]
+    assert pareto_front([(0.5, 20.0), (0.6, 20.0), (0.4, 30.0)], higher_x_better=True) == [1, 2]
+    assert pareto_front([(1.0, 1.0), (1.0, 1.0)], higher_x_better=True) == [0, 1]  # a tie
+    assert tradeoff_png([("a", {"clean": 90.0, "fid_descent": 10.0})]) is None  # no robustness
+    group = {"worst_case": {"mean": 20.0, "low": 18.0, "high": 22.0, "n": 3},
+             "fid_descent": {"mean": 100.0, "low": 90.0, "high": 110.0, "n": 3},
+             "recall_sgld": {"mean": 0.4, "low": None, "high": None, "n": 1}}  # fmt: skip
+    png = tradeoff_png([("a", group), ("b", {"worst_case": 10.0, "fid_descent": 80.0})],
+                       {"fid_descent": 5.0}, "digits")  # fmt: skip
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # two samplers (rows) by two scores (columns)
+    with Image.open(io.BytesIO(png)) as img:
+        assert 0.9 < img.size[0] / img.size[1] < 1.6
 
 
 def _stat(values: list[float]) -> dict:
@@ -165,8 +205,10 @@ def test_a_study_folder_shows_means_intervals_and_differences(tmp_path, runs, di
     assert r.returncode == 0, r.stderr
     page = (study / "compare.html").read_text()
     ids = re.findall(r'<section id="([^"]+)">', page)
-    assert ids == ["headline", "differences-1", "robustness-1", "samples-1", "energy-1",
-                   "differences-2", "robustness-2", "samples-2", "energy-2", "runs"]  # fmt: skip
+    assert ids == ["headline", "differences-1", "tradeoff-1", "robustness-1", "samples-1",
+                   "energy-1", "differences-2", "tradeoff-2", "robustness-2", "samples-2",
+                   "energy-2", "runs"]  # fmt: skip
+    assert "<title>jeat study</title>" in page  # the folder is named study: said once
     assert "Robustness — npz:digits-copy" in page and "abc1234" in page
     clean = pgdat["metrics"]["clean"]
     assert f"{clean['mean']:.2f} [{clean['low']:.2f}, {clean['high']:.2f}]" in page
@@ -183,8 +225,11 @@ def test_a_study_folder_shows_means_intervals_and_differences(tmp_path, runs, di
     assert "flatness" in _section(page, "energy-1") and "(mean of 2)" in page
     # the npz group's run has no final steps: its sections say what is missing
     assert "No robustness curve for standard" in _section(page, "robustness-2")
-    assert "<figcaption>standard, sgld, seed 0</figcaption>" in _section(page, "samples-1")
-    assert len(_images(page)) == 1 + 3 + 2  # curves, three sample grids, two energy figures
+    assert re.search("<figcaption>standard, sgld, seed 0[;<]", _section(page, "samples-1"))
+    # the trade-off of digits (the npz group has no scores), curves, three sample grids, two
+    # energy figures
+    assert len(_images(page)) == 1 + 1 + 3 + 2
+    assert "no trade-off to draw" in _section(page, "tradeoff-2")
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, runs):

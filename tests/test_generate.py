@@ -1,8 +1,19 @@
+import json
+
 import torch
+from PIL import Image
 from sklearn.svm import SVC
 
-from jeat.config import load_config
-from jeat.samplers import SeededDescent, fit_class_gaussians, sample_seeds
+from jeat.config import GenerateConfig, load_config
+from jeat.finish import write_grid_record
+from jeat.models import create_model
+from jeat.samplers import (
+    SeededDescent,
+    chain_seeds,
+    fit_class_gaussians,
+    generate_chains,
+    sample_seeds,
+)
 from jeat.utils import save_image_grid
 
 
@@ -55,3 +66,39 @@ def test_robust_model_generates_what_an_independent_classifier_recognises(
         gaps.append(rates["pgd-at"] - rates["standard"])
     print("\n" + "\n".join(report))
     assert min(gaps) > 3 and sum(gaps) / len(gaps) >= 8
+
+
+def test_every_image_of_a_grid_comes_from_its_own_chain(digits, tmp_path):
+    """No two images share a seed: each has its own (recorded), its class's images differ, and
+    an image is the same when generated alone from the same base seed, by descent and by SGLD
+    (whose noise is per chain too)."""
+    model = create_model("small_cnn", in_channels=1, num_classes=10, width=4)
+    for method in ("descent", "sgld"):
+        g = GenerateConfig(method=method, steps=4)
+        grid = generate_chains(model, digits, g, classes=[3, 5], n_per_class=4, seed=7)
+        assert grid.labels.tolist() == [3] * 4 + [5] * 4
+        assert len(set(grid.seeds)) == 8 and grid.seeds == chain_seeds(7, grid.labels)
+        for c in (3, 5):
+            same = grid.images[grid.labels == c].flatten(1)
+            gaps = torch.cdist(same, same) + torch.eye(4) * 1e9
+            assert gaps.min() > 0.1, (method, c)  # no two images of a class alike
+        alone = generate_chains(model, digits, g, classes=[5], n_per_class=3, seed=7)
+        assert alone.seeds == grid.seeds[4:7]
+        torch.testing.assert_close(alone.images, grid.images[4:7], atol=1e-5, rtol=0)
+        # another base seed: other chains
+        other = generate_chains(model, digits, g, classes=[3, 5], n_per_class=4, seed=8)
+        assert not set(other.seeds) & set(grid.seeds)
+    # unconditional SGLD: one chain per image as well
+    g = GenerateConfig(method="sgld", conditional=False, steps=2)
+    free = generate_chains(model, digits, g, n_per_class=1, seed=7)
+    assert free.labels is None and len(set(free.seeds)) == 10
+    # the grid's record: every image's place, class, own seed and the judge's verdict
+    png = tmp_path / "samples.png"
+    save_image_grid(grid.images, png, nrow=4)
+    record = json.loads(write_grid_record(png, grid, 4, model, "judge-folder").read_text())
+    rows = record["images"]
+    assert [(r["row"], r["col"], r["label"]) for r in rows[3:5]] == [(0, 3, 3), (1, 0, 5)]
+    assert [r["seed"] for r in rows] == grid.seeds
+    assert all(0 <= r["judge_class"] < 10 and 0 < r["judge_confidence"] <= 1 for r in rows)
+    layout = record["layout"]
+    assert Image.open(png).size == (layout["size"][1], layout["size"][0])  # where tiles land

@@ -12,6 +12,9 @@ from jeat.metrics import (
     inception_score,
     inception_style_score,
     judge_scores,
+    knn_radii,
+    manifold_scores,
+    within_class_diversity,
 )
 
 
@@ -101,3 +104,93 @@ def test_judge_scores_on_a_known_judge():
         judge_scores(judge, x, torch.rand(10, 1, 5, 5))
     with pytest.raises(JeatError, match="labels"):
         judge_scores(judge, x, x, labels[:10])
+
+
+# -- precision, recall, density, coverage and within-class diversity --------------------------
+
+
+def test_knn_radii_exclude_the_point_itself_and_count_duplicates():
+    line = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+    assert knn_radii(line, 1).tolist() == [1.0, 1.0, 2.0, 4.0]
+    assert knn_radii(line, 2).tolist() == [3.0, 2.0, 3.0, 6.0]
+    assert knn_radii(torch.tensor([[0.0], [0.0], [5.0]]), 1).tolist() == [0.0, 0.0, 5.0]
+    with pytest.raises(JeatError, match="1 <= k < number of points"):
+        knn_radii(line, 4)
+    with pytest.raises(JeatError, match="at least 6 real and generated"):
+        manifold_scores(torch.randn(5, 2), torch.randn(30, 2))
+    with pytest.raises(JeatError, match="-d"):
+        manifold_scores(torch.randn(30, 2), torch.randn(30, 3))
+
+
+def _brute_force(real: np.ndarray, fake: np.ndarray, k_pr: int, k_dc: int) -> tuple:
+    """The four scores straight from their papers' definitions, by another route: SciPy's
+    full distance matrices, NumPy sorting and explicit loops."""
+    from scipy.spatial.distance import cdist
+
+    rr, ff, fr = cdist(real, real), cdist(fake, fake), cdist(fake, real)
+    np.fill_diagonal(rr, np.inf)
+    np.fill_diagonal(ff, np.inf)
+    r_pr, r_dc = np.sort(rr, 1)[:, k_pr - 1], np.sort(rr, 1)[:, k_dc - 1]
+    f_pr = np.sort(ff, 1)[:, k_pr - 1]
+    precision = np.mean(
+        [any(fr[j, i] <= r_pr[i] for i in range(len(real))) for j in range(len(fake))]
+    )
+    recall = np.mean([any(fr[j, i] <= f_pr[j] for j in range(len(fake))) for i in range(len(real))])
+    density = sum((fr[j] <= r_dc).sum() for j in range(len(fake))) / (k_dc * len(fake))
+    coverage = np.mean([fr[:, i].min() <= r_dc[i] for i in range(len(real))])
+    return precision, recall, density, coverage
+
+
+def test_manifold_scores_equal_their_definitions_computed_directly():
+    gen = torch.Generator().manual_seed(3)
+    real, fake = torch.randn(70, 5, generator=gen), 0.7 * torch.randn(50, 5, generator=gen) + 0.3
+    m = manifold_scores(real, fake)
+    expected = _brute_force(real.double().numpy(), fake.double().numpy(), 3, 5)
+    assert (m.precision, m.recall, m.density, m.coverage) == pytest.approx(expected, abs=1e-12)
+    assert (m.n_real, m.n_fake, m.k_pr, m.k_dc) == (70, 50, 3, 5)
+    assert 0 < m.recall < 1 and 0 < m.precision < 1  # neither end: the test can tell them apart
+
+
+def test_precision_recall_density_coverage_give_the_known_answers():
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(600, 4, generator=gen)
+    same = manifold_scores(real, torch.randn(600, 4, generator=gen))
+    assert same.precision > 0.9 and same.recall > 0.9
+    assert 0.9 < same.density < 1.1  # 1 in expectation for identical distributions
+    # Naeem et al.: coverage of an identical distribution, equal counts, is 1 - 1/2^k
+    assert same.coverage == pytest.approx(1 - 0.5**5, abs=0.03)
+    # ten separate modes, and a generator that found one of them: real-looking, not diverse
+    centres = 8 * torch.randn(10, 4, generator=gen)
+    modes = centres[torch.arange(600) % 10] + torch.randn(600, 4, generator=gen)
+    collapsed = manifold_scores(modes, centres[0] + torch.randn(600, 4, generator=gen))
+    # (a tenth of the real images are in that mode: its k-NN balls are smaller than the
+    # identical distribution's, and some of the samples' tails fall outside them)
+    assert collapsed.precision > 0.7 and collapsed.recall < 0.15 and collapsed.coverage < 0.15
+    # every sample four standard deviations off in each coordinate: nothing looks real
+    shifted = manifold_scores(real, torch.randn(600, 4, generator=gen) + 4)
+    assert shifted.precision < 0.05 and shifted.density < 0.05 and shifted.recall < 0.05
+
+
+def test_within_class_diversity_is_one_for_the_data_and_zero_for_a_repeated_image():
+    gen = torch.Generator().manual_seed(1)
+    groups = torch.arange(300) % 3
+    real = 3 * groups[:, None].float() + torch.randn(300, 6, generator=gen)
+    value, per = within_class_diversity(real, groups, real, groups)
+    assert value == pytest.approx(1.0) and sorted(per) == [0, 1, 2]
+    # each class shrunk by half towards its mean: every pairwise distance halves
+    means = torch.stack([real[groups == c].mean(0) for c in range(3)])
+    half = means[groups] + 0.5 * (real - means[groups])
+    assert within_class_diversity(half, groups, real, groups)[0] == pytest.approx(0.5)
+    # one image repeated per class, and other samples unlabelled (-1): left out
+    first = torch.stack([real[groups == c][0] for c in range(3)])
+    repeated = torch.cat([first[groups], torch.randn(10, 6, generator=gen)])
+    marks = torch.cat([groups, torch.full((10,), -1)])
+    value, per = within_class_diversity(repeated, marks, real, groups)
+    assert value == 0.0 and sorted(per) == [0, 1, 2]
+    # a class with one sample has no pairs: left out; no class at all: None
+    assert within_class_diversity(real[:4], torch.tensor([0, 0, 1, 2]), real, groups)[1].keys() == {
+        0
+    }
+    assert within_class_diversity(real[:2], torch.tensor([5, 5]), real, groups) == (None, {})
+    with pytest.raises(JeatError, match="one group per feature"):
+        within_class_diversity(real, groups[:10], real, groups)

@@ -54,6 +54,24 @@ def test_a_finished_run_writes_every_piece_of_its_report(full_run):
     assert f"{ev['attacks'][2]['accuracy']:.2f}" in page  # the table's PGD-20 number
     scores = json.loads((full_run / "scores.json").read_text())["judge"]
     assert scores["is_label"] == "judge-IS" and f"{scores['frechet_distance']:.3f}" in page
+    # fidelity and diversity apart, and the reference of real test images scored alike
+    for key in ("precision", "recall", "density", "coverage", "diversity"):
+        assert scores[key] is not None and scores[key] >= 0, key
+        assert f"{scores[key]:.3f}" in page, key
+    assert scores["n_knn"] == scores["n_samples"] == 50 and scores["k_precision_recall"] == 3
+    ref = scores["reference"]
+    assert ref["n_samples"] == 50 and ref["n_real"] == scores["n_real"]
+    assert ref["frechet_distance"] < scores["frechet_distance"] and ref["accuracy"] > 50
+    headline = page[page.index('<section id="headline">') : page.index('<section id="summary">')]
+    assert "<td>real test images (reference)</td>" in headline
+    assert f"<td>{ref['frechet_distance']:.2f}</td>" in headline
+    # the grid's record: every image's own chain seed and the judge's verdict, on hover
+    grid = json.loads((full_run / "samples.json").read_text())
+    images = grid["images"]
+    assert len(images) == 30 and len({im["seed"] for im in images}) == 30
+    assert all(0 <= im["judge_class"] < 10 for im in images)
+    titles = re.findall(r'<span title="(class \d, chain seed \d+; judge: \d \(\d+%\))"', page)
+    assert len(titles) == 30 and "judge agrees with the class asked for on" in page
     assert "jeat analyze" in page and "jeat eval" in page and "--out" in page  # commands
     assert "mean |ΔE| in ε-ball" in page
 

@@ -3,6 +3,7 @@ cache and CLI), the Inception-v3 backend's plumbing and its errors when unavaila
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from scipy import linalg
 from jeat import JeatError
 from jeat.data import load_dataset
 from jeat.metrics import (
+    GenerationScores,
     InceptionBackend,
     JudgeBackend,
     inception_score,
@@ -73,6 +75,38 @@ def test_judge_fid_and_is_equal_direct_numpy_scipy_computations(standard_model, 
     assert "judge-IS" in s.line() and "judge-FID" in s.line()
 
 
+def test_a_collapsed_generator_scores_below_the_reference_of_real_test_images(
+    standard_model, digits
+):
+    """Samples that are one training image per class, repeated: real-looking (the images are
+    real) but no diversity at all. Precision stays high, recall and within-class diversity
+    fall to about 0; real test images, the reference scored alongside, keep both."""
+    backend = JudgeBackend(standard_model)
+    first = torch.tensor([int((digits.y_train == c).nonzero()[0]) for c in range(10)])
+    labels = torch.arange(10).repeat_interleave(20)
+    samples = digits.x_train[first[labels]]
+    s = score_samples(backend, samples, digits.x_train, labels, splits=5,
+                      real_labels=digits.y_train, held_out=digits.x_test,
+                      held_out_labels=digits.y_test)  # fmt: skip
+    ref = s.reference
+    assert ref is not None and ref.n_samples == 200 and s.n_knn == ref.n_knn == 200
+    assert s.diversity == 0.0 and sorted(s.diversity_per_class) == list(range(10))
+    assert s.recall < 0.1 and s.precision > 0.5
+    assert ref.recall > 0.6 and ref.precision > 0.6
+    # ten points cover only the real balls around them
+    assert s.coverage < 0.5 and ref.coverage > 0.8
+    assert 0.8 < ref.diversity < 1.25
+    assert ref.frechet_distance < s.frechet_distance and ref.accuracy > 90
+    # the scores survive their JSON file
+    back = GenerationScores.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert back == s and back.reference == ref
+    assert "precision" in s.line() and "recall" in s.line()
+    assert s.reference_line().startswith("reference, 200 real held-out images: judge-FID")
+    # without labels on either side, the judge's verdicts group the images
+    unlabelled = score_samples(backend, samples, digits.x_train, splits=5)
+    assert unlabelled.diversity == 0.0 and unlabelled.reference is None
+
+
 def test_score_samples_errors(standard_model, digits):
     backend = JudgeBackend(standard_model)
     with pytest.raises(JeatError, match="differ in shape"):
@@ -83,6 +117,10 @@ def test_score_samples_errors(standard_model, digits):
         score_samples(backend, digits.x_test[:20] * 3, digits.x_test)
     with pytest.raises(JeatError, match="splits"):
         inception_score(torch.full((4, 10), 0.1), splits=10)
+    with pytest.raises(JeatError, match="3 labels for 360 real images"):
+        score_samples(backend, digits.x_test[:20], digits.x_test, real_labels=digits.y_test[:3])
+    with pytest.raises(JeatError, match="held-out images"):
+        score_samples(backend, digits.x_test[:20], digits.x_test, held_out=torch.rand(5, 1, 9, 9))
 
 
 def test_inception_backend_says_what_is_missing(monkeypatch, tmp_path):
@@ -169,14 +207,14 @@ def test_judge_and_score_cli(tmp_path, digits):
     assert "judge-IS" in r.stdout and "judge-FID" in r.stdout
     assert "Inception-v3 IS/FID skipped" in r.stdout or "inception-v3" in r.stdout
     scores = tmp_path / "real.scores.json"
-    import json
-
     data = json.loads(scores.read_text())
     assert data["judge"]["inception_score"] > 8 and data["judge"]["accuracy"] > 90
     bad = tmp_path / "bad.npz"
     np.savez(bad, pixels=np.zeros((3, 8, 8)))
     r = jeat("score", bad, "--against", "digits")
     assert r.returncode == 2 and "no 'images' array" in r.stderr
+    assert 0 <= data["judge"]["precision"] <= 1 and 0 <= data["judge"]["recall"] <= 1
+    assert data["judge"]["diversity"] > 0  # the test images: grouped by their labels
     bad.write_bytes(b"not a zip")
     r = jeat("score", bad, "--against", "digits")
     assert r.returncode == 2 and "cannot read samples" in r.stderr

@@ -74,6 +74,24 @@ def test_study_smoke_writes_the_contract_and_resumes(tmp_path, study, capsys):
     )
     readme = (out / "README.md").read_text()
     assert "| jeat | 2 |" in readme and "jeat | pgdat | worst_case" in readme
+    # the reference: real test images scored once per dataset and judge, like the samples
+    ref = summary["reference"]["digits"]
+    assert ref["n_samples"] == 60 and 0 <= ref["recall"] <= 1 and ref["fid"] >= 0
+    cached = json.loads((out / "judges" / "digits" / "reference.json").read_text())
+    assert ref == {k: v for k, v in cached.items() if k != "scores"}
+    assert "### digits: generation by seeded descent" in readme
+    assert readme.count("| real test images (reference) | – | ") == 2  # under both samplers
+    # the trade-off plot, embedded in the README
+    assert (out / "tradeoff-digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(tradeoff-digits.png)" in readme
+    # each grid image from its own chain, with the judge's verdict beside it
+    cell = out / summary["groups"][1]["runs"][0]
+    metrics = json.loads((cell / "cell.json").read_text())["metrics"]
+    for key in ("precision", "recall", "density", "coverage", "diversity"):
+        assert metrics[f"{key}_descent"] is not None and metrics[f"{key}_sgld"] is not None
+    grid = json.loads((cell / "samples-sgld.json").read_text())["images"]
+    assert len(grid) == 60 and len({im["seed"] for im in grid}) == 60
+    assert all("judge_class" in im for im in grid)
 
     # a second call trains nothing: every cell is finished
     cells = [out / r for g in summary["groups"] for r in g["runs"]]

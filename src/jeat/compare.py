@@ -1,18 +1,23 @@
 """Runs side by side on one self-contained HTML page (``jeat compare RUN [RUN ...]``).
 
 The page opens with the headline table of :mod:`jeat.report` (clean and worst-case robust
-accuracy, judge-FID / judge-IS, training time), one row per run, then, per dataset, the
-runs' robustness curves on one plot with their attack tables side by side, their sample grids
-in a row, and their energy landscapes together (flatness numbers in one table, the energy
-distributions and flatness bars in one figure each), and last the runs' folders and the config
-keys in which they differ.
+accuracy, judge-FID, precision and recall, training time), one row per run and a reference
+row of real test images, then, per dataset, the trade-off between robustness and generation
+(:func:`tradeoff_png`: worst-case robust accuracy against judge-FID and against recall, one
+point per run, the Pareto front marked), the runs' robustness curves on one plot with their
+attack tables side by side, their sample grids in a row (each image's judge verdict on hover),
+and their energy landscapes together (flatness numbers in one table, the energy distributions
+and flatness bars in one figure each), and last the runs' folders and the config keys in which
+they differ.
 
 A *study folder* (``summary.json`` with ``"kind": "jeat-study"``, written by
 ``benchmarks/study.py``) is compared group by group: its headline shows each group's mean and
 interval ``mean [low, high]`` over seeds, a table lists its differences with their verdicts,
-and the plots use the groups' own run folders (curves as the mean over seeds with the range
+the trade-off plot shows each group's mean with its interval in both directions, and the
+other plots use the groups' own run folders (curves as the mean over seeds with the range
 shaded, seed 0's samples, flatness numbers averaged over seeds). A study may span datasets;
-each gets its own sections.
+each gets its own sections. :func:`write_tradeoff_plots` writes a study's trade-off plots as
+PNG files (``benchmarks/study.py`` puts them in the study folder).
 
 The energy figures come from each run's saved ``analysis/analysis.json`` (the histograms as
 box plots of its saved quantiles); with ``reanalyze=True`` (``--reanalyze``) the models are
@@ -26,6 +31,7 @@ references: images are embedded PNGs.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +40,7 @@ from typing import Any
 
 from jeat.errors import JeatError
 from jeat.report import (
+    REFERENCE_LABEL,
     _cmds,
     _e,
     _energy_setup,
@@ -49,11 +56,20 @@ from jeat.report import (
     _table,
     flatness_table,
     headline_table,
+    reference_metrics,
     run_results,
+    sample_grid,
 )
 from jeat.utils import atomic_write, pyplot
 
-__all__ = ["STUDY_KIND", "compare", "render_compare"]
+__all__ = [
+    "STUDY_KIND",
+    "compare",
+    "pareto_front",
+    "render_compare",
+    "tradeoff_png",
+    "write_tradeoff_plots",
+]
 
 STUDY_KIND = "jeat-study"
 STUDY_VERSION = 1
@@ -64,14 +80,26 @@ STUDY_METRICS = (
     ("pgd20", "PGD-20 %", 2),
     ("autoattack_fast", "AutoAttack-fast %", 2),
     ("worst_case", "worst-case %", 2),
-    ("fid_descent", "judge-FID (descent)", 2),
-    ("is_descent", "judge-IS (descent)", 3),
-    ("judge_acc_descent", "judge acc. (descent) %", 1),
-    ("fid_sgld", "judge-FID (SGLD)", 2),
-    ("is_sgld", "judge-IS (SGLD)", 3),
-    ("judge_acc_sgld", "judge acc. (SGLD) %", 1),
+    *(
+        (f"{key}_{m}", f"{title} ({name})", digits)
+        for m, name in (("descent", "descent"), ("sgld", "SGLD"))
+        for key, title, digits in (
+            ("fid", "judge-FID", 2),
+            ("precision", "precision", 3),
+            ("recall", "recall", 3),
+            ("density", "density", 3),
+            ("coverage", "coverage", 3),
+            ("diversity", "diversity", 3),
+            ("judge_acc", "judge acc. %", 1),
+            ("is", "judge-IS", 3),
+        )
+    ),
     ("train_seconds", "training s", 1),
 )
+# the samplers whose scores a run or a study can carry: (key suffix, name)
+SAMPLERS = (("descent", "seeded descent"), ("sgld", "SGLD"))
+# the trade-off plot's x axes: (key prefix, name, higher is better)
+TRADEOFF_AXES = (("fid", "judge-FID", False), ("recall", "recall", True))
 
 
 @dataclass
@@ -210,17 +238,48 @@ def _load(
 
 
 # --------------------------------------------------------------------------------- sections
+def _methods(entries: list[_Entry]) -> list[str]:
+    return [m for m, _ in SAMPLERS if any(f"fid_{m}" in e.metrics for e in entries)]
+
+
+def _references(entries: list[_Entry], study: _Study | None) -> dict[str, dict[str, Any]]:
+    """Per dataset, the reference's numbers under the samplers' keys (:func:`reference_metrics`):
+    a study's recorded ones, else those of the first run of the dataset that has them."""
+    out: dict[str, dict[str, Any]] = {}
+    for dataset in dict.fromkeys(e.dataset for e in entries):
+        group = [e for e in entries if e.dataset == dataset]
+        if study is not None:
+            ref = (study.summary.get("reference") or {}).get(dataset) or {}
+            flat = {f"ref_{k}": v for k, v in ref.items() if isinstance(v, (int, float))}
+        else:
+            flat = next((e.metrics for e in group if "ref_fid" in e.metrics), {})
+        metrics = reference_metrics(flat, _methods(group) or [m for m, _ in SAMPLERS])
+        if metrics:
+            out[dataset] = metrics
+    return out
+
+
 def _headline(entries: list[_Entry], study: _Study | None) -> str:
+    refs = _references(entries, study)
+    ref_note = (
+        f"<p>{_e(REFERENCE_LABEL)}: real test images scored like samples, against the same "
+        "training images with the same judge; the floor every generation score is read "
+        "against.</p>"
+        if refs
+        else ""
+    )
     if study is None:
         rows = [([e.label, e.objective, e.dataset], e.metrics) for e in entries]
+        rows += [([REFERENCE_LABEL, "", d], m) for d, m in refs.items()]
         parts = [headline_table(rows, ["run", "objective", "dataset"])]
         parts.append(
             "<p>Each run's own evaluation (<code>eval.json</code>: worst case over its attack "
             "table) and judge scores (<code>scores.json</code>); training time is the sum of its "
-            "epochs. A missing number (-) is a file the run does not have yet.</p>"
+            "epochs. A missing number (-) is a file the run does not have yet.</p>" + ref_note
         )
         return "".join(parts)
     rows = [([e.label, e.dataset, _fmt(e.seeds)], e.metrics) for e in entries]
+    rows += [([REFERENCE_LABEL, d, "-"], m) for d, m in refs.items()]
     s = study.summary
     level = f" at level {s['level']}" if isinstance(s.get("level"), (int, float)) else ""
     return (
@@ -228,6 +287,7 @@ def _headline(entries: list[_Entry], study: _Study | None) -> str:
         f"<code>{_e(s.get('commit') or 'unknown')}</code>. Each cell is the mean over seeds "
         f"and its interval [low, high]{_e(level)} (a single number when there is one seed).</p>"
         + headline_table(rows, ["variant", "dataset", "seeds"])
+        + ref_note
         + "<h3>Every metric</h3>"
         + headline_table(rows, ["variant", "dataset", "seeds"], STUDY_METRICS)
     )
@@ -254,6 +314,165 @@ def _differences(study: _Study, dataset: str) -> str:
     return "<p>Paired differences a − b over seeds, as the study computed them.</p>" + _table(
         ["a − b", "metric", "mean", "interval", "n", "verdict"], rows
     )
+
+
+# ------------------------------------------------------------------------- trade-off plot
+def pareto_front(points: Sequence[tuple[float, float]], higher_x_better: bool) -> list[int]:
+    """Indices of the points ``(x, y)`` on the Pareto front: those no other point matches or
+    beats on both axes while beating on one. Higher ``y`` is better; higher ``x`` too when
+    ``higher_x_better``, else lower (an FID)."""
+    front = []
+    for i, (xi, yi) in enumerate(points):
+        beaten = False
+        for j, (xj, yj) in enumerate(points):
+            if j == i:
+                continue
+            x_ok, x_better = (xj >= xi, xj > xi) if higher_x_better else (xj <= xi, xj < xi)
+            if x_ok and yj >= yi and (x_better or yj > yi):
+                beaten = True
+                break
+        if not beaten:
+            front.append(i)
+    return front
+
+
+def _estimate(value: Any) -> tuple[float, float | None, float | None] | None:
+    """``(mean, low, high)`` of a number (no interval) or of a study's ``{"mean", "low",
+    "high"}``; None when there is no value."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        mean = value.get("mean")
+        if mean is None:
+            return None
+        low, high = value.get("low"), value.get("high")
+        if low is None or high is None:
+            return float(mean), None, None
+        return float(mean), float(low), float(high)
+    return float(value), None, None
+
+
+def tradeoff_png(
+    points: Sequence[tuple[str, dict[str, Any]]],
+    reference: dict[str, Any] | None = None,
+    title: str = "",
+) -> bytes | None:
+    """Worst-case robust accuracy (``worst_case``) against judge-FID and against recall, one
+    panel per sampler whose scores any point has: each ``(label, metrics)`` is one point, at a
+    study group's mean with its interval in both directions (``{"mean", "low", "high"}``) or
+    a run's numbers without bars. The points on the Pareto front (:func:`pareto_front`: more
+    robust and lower FID / higher recall are better) are ringed and joined by a dashed line;
+    ``reference`` (numbers under the same keys) is drawn as a dotted vertical line. Returns
+    the PNG, or None when no point has both a robust accuracy and a generation score."""
+    panels = []
+    for key, name, higher in TRADEOFF_AXES:
+        for m, sampler in SAMPLERS:
+            pts = []
+            for label, metrics in points:
+                x, y = _estimate(metrics.get(f"{key}_{m}")), _estimate(metrics.get("worst_case"))
+                if x is not None and y is not None:
+                    pts.append((label, x, y))
+            if pts:
+                panels.append((key, name, higher, m, sampler, pts))
+    if not panels:
+        return None
+    # one row per sampler, one column per generation score
+    samplers = [m for m, _ in SAMPLERS if any(p[3] == m for p in panels)]
+    axes_keys = [k for k, _, _ in TRADEOFF_AXES if any(p[0] == k for p in panels)]
+    plt = pyplot()
+    nrows, ncols = len(samplers), len(axes_keys)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 4.2 * nrows), dpi=100,
+                             squeeze=False)  # fmt: skip
+    for ax in axes.flat:
+        ax.set_visible(False)
+    # a colour per point, and a marker per ten of them, the same in every panel
+    styles = {label: (f"C{i % 10}", "osD^v"[i // 10 % 5]) for i, (label, _) in enumerate(points)}
+    for key, name, higher, m, sampler, pts in panels:
+        ax = axes[samplers.index(m)][axes_keys.index(key)]
+        ax.set_visible(True)
+        ys = [y[0] for _, _, y in pts]
+        if max(ys) - min(ys) < 1:  # one level of robustness: a readable range around it
+            ax.set_ylim(min(ys) - 5, max(ys) + 5)
+        for label, (x, xlo, xhi), (y, ylo, yhi) in pts:
+            xerr = None if xlo is None or xhi is None else [[x - xlo], [xhi - x]]
+            yerr = None if ylo is None or yhi is None else [[y - ylo], [yhi - y]]
+            colour, marker = styles[label]
+            ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt=marker, ms=5, capsize=2, lw=0.9,
+                        color=colour)  # fmt: skip
+            ax.annotate(label, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+        front = pareto_front([(x[0], y[0]) for _, x, y in pts], higher)
+        fx = [pts[i][1][0] for i in front]
+        fy = [pts[i][2][0] for i in front]
+        order = sorted(range(len(front)), key=lambda i: fx[i])
+        ax.plot([fx[i] for i in order], [fy[i] for i in order], "k--", lw=0.8,
+                label="Pareto front")  # fmt: skip
+        ax.scatter(fx, fy, s=140, facecolors="none", edgecolors="k", lw=1.2, zorder=3)
+        ref = (reference or {}).get(f"{key}_{m}")
+        if isinstance(ref, (int, float)):
+            ax.axvline(float(ref), color="0.4", ls=":", lw=1.2, label=REFERENCE_LABEL)
+        better = "higher" if higher else "lower"
+        ax.set_xlabel(f"{name}, {sampler} ({better} is better)")
+        ax.set_ylabel("worst-case robust accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+_TRADEOFF_TEXT = (
+    "<p>Each point is one {what}: worst-case robust accuracy (the per-point worst case over "
+    "its attack table{aa}) against the judge-FID and the recall of its generated samples, per "
+    "sampler. {bars} Ringed points joined by the dashed line form the Pareto front: no other "
+    "{what} is both more robust and better on that generation score. The dotted line is the "
+    "same score of real test images (the reference), where there is one.</p>"
+)
+
+
+def _tradeoff(
+    entries: list[_Entry], study: _Study | None, reference: dict[str, Any] | None, dataset: str
+) -> str:
+    png = tradeoff_png([(e.label, e.metrics) for e in entries], reference, dataset)
+    if png is None:
+        return _missing(
+            "No run has both a robustness table (eval.json) and generation scores "
+            "(scores.json) yet, so there is no trade-off to draw."
+        )
+    if study is not None:
+        level = study.summary.get("level", 0.95)
+        bars = (
+            f"Points are means over seeds, bars their {100 * float(level):.0f}% t-intervals in "
+            "both directions (none for a single seed)."
+        )
+        text = _TRADEOFF_TEXT.format(what="variant", aa=": PGD-20 and autoattack-fast", bars=bars)
+    else:
+        text = _TRADEOFF_TEXT.format(what="run", aa="", bars="Single runs: no bars.")
+    return _img(png, "robust accuracy against generation scores", dataset) + text
+
+
+def write_tradeoff_plots(summary: dict[str, Any], folder: str | Path) -> dict[str, Path]:
+    """Write the trade-off plot (:func:`tradeoff_png`) of each dataset of a study summary
+    (``summary.json``'s groups, and its ``reference`` per dataset when recorded) to
+    ``FOLDER/tradeoff-DATASET.png``; returns ``{dataset: path}`` of those written (none for a
+    dataset without points)."""
+    out = {}
+    refs = summary.get("reference") or {}
+    groups = summary.get("groups") or []
+    level = float(summary.get("level", 0.95))
+    for dataset in dict.fromkeys(g["dataset"] for g in groups):
+        points = [(g["variant"], g.get("metrics") or {}) for g in groups if g["dataset"] == dataset]
+        flat = {f"ref_{k}": v for k, v in (refs.get(dataset) or {}).items()}
+        ref = reference_metrics(flat, [m for m, _ in SAMPLERS])
+        title = f"{dataset}: mean over seeds, {100 * level:.0f}% t-intervals"
+        png = tradeoff_png(points, ref, title)
+        if png is None:
+            continue
+        path = Path(folder) / f"tradeoff-{re.sub(r'[^A-Za-z0-9._-]+', '-', dataset)}.png"
+        with atomic_write(path, "wb") as fh:
+            fh.write(png)
+        out[dataset] = path
+    return out
 
 
 def _curves(e: _Entry) -> list[dict[str, Any]]:
@@ -369,7 +588,7 @@ def _samples(entries: list[_Entry]) -> str:
             if e.seeds:
                 what.append(f"seed {r.config.get('seed', '?')}")
             caption = e.label + "".join(f", {w}" for w in what if w)
-            parts.append(_png_file(png, caption, width=240))
+            parts.append(sample_grid(png, caption, width=240))
     if missing:
         parts.append(
             _missing(
@@ -377,8 +596,10 @@ def _samples(entries: list[_Entry]) -> str:
                 *(f"jeat generate {e.first.q}" for e in missing if e.first),
             )
         )
-    return "<p>One row per class (each run's own <code>generate</code> settings).</p>" + "".join(
-        parts
+    return (
+        "<p>One row per class (each run's own <code>generate</code> settings), every image "
+        "from its own chain; hover an image for its chain seed and the judge's verdict.</p>"
+        + "".join(parts)
     )
 
 
@@ -587,6 +808,7 @@ def render_compare(
     ``device`` instead of reading the runs' saved ones."""
     study, entries = _load(paths, allow_mixed, labels)
     datasets = list(dict.fromkeys(e.dataset for e in entries))
+    refs = _references(entries, study)
     sections = [("headline", "Results", _headline(entries, study))]
     for i, dataset in enumerate(datasets):
         group = [e for e in entries if e.dataset == dataset]
@@ -595,17 +817,22 @@ def render_compare(
             sections.append((f"differences{suffix}", f"Differences{title}",
                              _differences(study, dataset)))  # fmt: skip
         energy = _energy_recomputed(group, device) if reanalyze else _energy_saved(group)
+        tradeoff = _tradeoff(group, study, refs.get(dataset), dataset)
         sections += [
+            (f"tradeoff{suffix}", f"Robustness against generation{title}", tradeoff),
             (f"robustness{suffix}", f"Robustness{title}", _robustness(group)),
             (f"samples{suffix}", f"Samples{title}", _samples(group)),
             (f"energy{suffix}", f"Energy landscape{title}", energy),
         ]
     sections.append(("runs", "Runs", _runs(entries)))
     if study is not None:
-        title = f"jeat study {study.root.name or study.root}"
+        name = study.root.resolve().name or str(study.root)
+        title = f"jeat {name}" if "study" in name.lower() else f"jeat study {name}"
     else:
         title = "jeat compare: " + ", ".join(e.label for e in entries)
     sub = f"{len(entries)} {'groups' if study else 'runs'} · {', '.join(datasets)}"
+    if study is not None:
+        sub += f" · {study.root}"
     return _page(title, sub, sections)
 
 

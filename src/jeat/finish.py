@@ -25,10 +25,10 @@ from jeat.errors import JeatError
 from jeat.evaluate import EvalContext, EvalResult, evaluate
 from jeat.locks import hold_folder
 from jeat.runs import eval_threat
-from jeat.samplers import generate
+from jeat.samplers import Samples, generate_chains
 from jeat.sanity import Curve, curve_budgets, robustness_curve, write_curve
 from jeat.train import TRAIN_HINT, TrainResult, train
-from jeat.utils import atomic_write, derive_seed, save_image_grid, write_json
+from jeat.utils import atomic_write, derive_seed, grid_layout, save_image_grid, write_json
 
 __all__ = [
     "train_and_finish",
@@ -36,6 +36,8 @@ __all__ = [
     "final_evaluation",
     "final_curve",
     "generate_samples",
+    "generate_sample_chains",
+    "write_grid_record",
     "final_analysis",
     "final_scores",
     "grid_width",
@@ -92,9 +94,11 @@ def _finish(cfg: TrainConfig, result: TrainResult) -> TrainResult:
         with atomic_write(paths.eval.with_suffix(".md"), "w") as fh:
             fh.write(result_eval.markdown())
         print(f"wrote {paths.eval}")
+    chains = None
     if cfg.final_samples:
-        images, _ = generate_samples(model, data, cfg)
-        save_image_grid(images, paths.samples, nrow=grid_width(cfg.generate, len(images)))
+        chains = generate_sample_chains(model, data, cfg)
+        width = grid_width(cfg.generate, len(chains.images))
+        save_image_grid(chains.images, paths.samples, nrow=width)
         print(f"wrote {paths.samples}")
     if cfg.final_analysis:
         analysis = final_analysis({paths.root.name: (model, cfg)}, data, paths.analysis)
@@ -103,7 +107,20 @@ def _finish(cfg: TrainConfig, result: TrainResult) -> TrainResult:
     if cfg.final_scores:
         scores = final_scores(cfg, model, full, paths.scores)
         print(scores.line())
+        ref = scores.reference_line()
+        if ref is not None:
+            print(ref)
         print(f"wrote {paths.scores}")
+    if chains is not None:  # after the scores, which may just have trained the judge
+        from jeat.metrics import judge_dir, load_judge
+
+        folder = judge_dir(data.info.name, cfg.data.image_size)
+        judge = None
+        if (folder / "model.pt").exists():
+            judge = load_judge(data.info.name, folder, cfg.data.image_size)
+        width = grid_width(cfg.generate, len(chains.images))
+        record = write_grid_record(paths.samples, chains, width, judge, folder, cfg.generate.method)
+        print(f"wrote {record}")
     if cfg.final_report:
         from jeat.report import write_report
 
@@ -156,7 +173,22 @@ def generate_samples(
     seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Samples as ``cfg.generate`` describes (see :func:`jeat.samplers.generate`)."""
-    return generate(
+    s = generate_sample_chains(model, data, cfg, classes, n_per_class, seed)
+    return s.images, s.labels
+
+
+def generate_sample_chains(
+    model: nn.Module,
+    data: ImageDataset,
+    cfg: TrainConfig,
+    classes: list[int] | None = None,
+    n_per_class: int | None = None,
+    seed: int | None = None,
+) -> Samples:
+    """:func:`generate_samples` with each image's chain seed
+    (:func:`jeat.samplers.generate_chains`); the base seed derives from the run's seed unless
+    ``seed`` is given."""
+    return generate_chains(
         model,
         data,
         cfg.generate,
@@ -164,6 +196,52 @@ def generate_samples(
         n_per_class=n_per_class,
         seed=derive_seed(cfg.seed if seed is None else seed, 13),
     )
+
+
+def write_grid_record(
+    grid: str | Path,
+    samples: Samples,
+    nrow: int,
+    judge: nn.Module | None = None,
+    judge_folder: str | Path | None = None,
+    method: str | None = None,
+) -> Path:
+    """Write ``GRID.json`` beside the sample grid ``GRID`` (a PNG that
+    :func:`jeat.utils.save_image_grid` wrote from ``samples.images``, ``nrow`` per row): the
+    grid's layout (:func:`jeat.utils.grid_layout`) and, per image in grid order, its row and
+    column, the class it was made for (-1: unconditional), its chain seed and, when ``judge``
+    is given, the judge's verdict (predicted class and confidence). The report shows the
+    verdicts on the grid. Returns the JSON's path."""
+    images = samples.images
+    if len(samples.seeds) != len(images):
+        raise JeatError(f"{len(samples.seeds)} chain seeds for {len(images)} images")
+    layout = grid_layout(len(images), images.shape[-2], images.shape[-1], nrow)
+    labels = samples.labels.tolist() if samples.labels is not None else [-1] * len(images)
+    verdicts = None
+    if judge is not None:
+        from jeat.metrics import judge_verdicts
+
+        pred, conf = judge_verdicts(judge, images)
+        verdicts = list(zip(pred.tolist(), conf.tolist(), strict=True))
+    rows = []
+    for i, (label, chain) in enumerate(zip(labels, samples.seeds, strict=True)):
+        r, c = divmod(i, layout["columns"])
+        row: dict[str, Any] = {"row": r, "col": c, "label": int(label), "seed": int(chain)}
+        if verdicts is not None:
+            row["judge_class"], row["judge_confidence"] = int(verdicts[i][0]), verdicts[i][1]
+        rows.append(row)
+    path = Path(grid).with_suffix(".json")
+    write_json(
+        path,
+        {
+            "grid": Path(grid).name,
+            "method": method,
+            "layout": layout,
+            "judge": None if judge is None else str(judge_folder or ""),
+            "images": rows,
+        },
+    )
+    return path
 
 
 def final_curve(cfg: TrainConfig, model: nn.Module, data: ImageDataset) -> Curve:
@@ -236,10 +314,12 @@ def final_scores(
     out: str | Path | None = None,
     judge: str | Path | None = None,
 ):
-    """Judge-IS / judge-FID of ``analysis.score_per_class`` samples per class (the run's
-    ``generate`` settings) against the training images, with 10 IS splits. The judge is the
-    cached one of the dataset (trained and cached first when there is none) or the run at
-    ``judge``. Writes ``out`` (JSON) when given; returns the
+    """Judge scores (IS, FID, precision, recall, density, coverage, within-class diversity;
+    :func:`jeat.metrics.score_samples`) of ``analysis.score_per_class`` samples per class (the
+    run's ``generate`` settings) against the training images, with 10 IS splits, and the same
+    scores of as many real test images (the reference, the floor of every number). The judge
+    is the cached one of the dataset (trained and cached first when there is none) or the run
+    at ``judge``. Writes ``out`` (JSON) when given; returns the
     :class:`jeat.metrics.GenerationScores`."""
     from jeat.metrics import JudgeBackend, judge_dir, load_judge, score_samples, train_judge
 
@@ -257,7 +337,16 @@ def final_scores(
     backend = JudgeBackend(load_judge(name, folder, size))
     per_class = cfg.analysis.score_per_class
     images, labels = generate_samples(model, data, cfg, n_per_class=per_class)
-    scores = score_samples(backend, images, data.x_train, labels, splits=10)
+    scores = score_samples(
+        backend,
+        images,
+        data.x_train,
+        labels,
+        splits=10,
+        real_labels=data.y_train,
+        held_out=data.x_test,
+        held_out_labels=data.y_test,
+    )
     if out is not None:
         write_json(
             out,
@@ -267,6 +356,7 @@ def final_scores(
                 "conditional": cfg.generate.conditional,
                 "per_class": per_class,
                 "real": "train",
+                "reference": "test",  # judge.reference: real test images scored alike
                 "judge_dir": str(folder),
                 "judge": scores.to_dict(),
             },

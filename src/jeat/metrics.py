@@ -27,6 +27,25 @@ The judge statistics, as computed by :func:`judge_scores`:
 
 These numbers compare models scored by the *same* judge; they are not Inception Scores or FIDs
 and are not comparable with published ones.
+
+Beyond IS and FID, :func:`score_samples` measures fidelity and diversity apart, in the same
+backend's feature space (the judge's penultimate features, or Inception-v3's pool features):
+
+* **precision** and **recall** (Kynkäänniemi et al. 2019, ``k = 3``): the share of generated
+  samples inside the real manifold (the union of balls around real features, each of radius
+  its distance to its ``k``-th nearest real neighbour), and the share of real images inside
+  the generated manifold;
+* **density** and **coverage** (Naeem et al. 2020, ``k = 5``): how many real balls hold each
+  sample, over ``k`` (1 in expectation for identical distributions, above 1 when samples crowd
+  where the real images are dense), and the share of real balls that hold at least one sample;
+* **within-class diversity**: per class, the mean pairwise feature distance among the samples
+  of that class over the same among real images of that class, averaged over the classes
+  (1: as varied as the data; 0: one image repeated).
+
+The four k-NN scores use equally many real and generated features (a seeded subset of the
+larger side), since their values depend on the two counts. Given held-out real images, the
+same scores of those images against the same real ones are the *reference*: the floor every
+model's numbers are read against (:attr:`GenerationScores.reference`).
 """
 
 from __future__ import annotations
@@ -34,7 +53,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -64,6 +83,13 @@ __all__ = [
     "frechet_distance",
     "feature_statistics",
     "judge_scores",
+    "judge_verdicts",
+    "knn_radii",
+    "manifold_scores",
+    "ManifoldScores",
+    "within_class_diversity",
+    "K_PRECISION_RECALL",
+    "K_DENSITY_COVERAGE",
 ]
 
 
@@ -313,6 +339,139 @@ class InceptionBackend:
         return torch.cat(probs), torch.cat(feats)
 
 
+# -- fidelity and diversity: k-NN manifolds (precision, recall, density, coverage) ----------
+
+K_PRECISION_RECALL = 3  # Kynkäänniemi et al. 2019
+K_DENSITY_COVERAGE = 5  # Naeem et al. 2020
+MAX_KNN_POINTS = 10_000  # per side: the distance matrix is computed in row blocks
+MAX_PER_CLASS = 1_000  # per class and side for the within-class diversity
+_BLOCK = 1024  # rows of a distance block
+
+
+def _features(f: Tensor, what: str) -> Tensor:
+    if f.ndim != 2 or not torch.isfinite(f).all():
+        raise JeatError(f"{what} must be a finite (n, dim) feature matrix, got {tuple(f.shape)}")
+    return f.double().cpu()
+
+
+def knn_radii(features: Tensor, k: int) -> Tensor:
+    """Each row's distance to its ``k``-th nearest *other* row (Euclidean, float64): the radius
+    of its ball in the k-NN estimate of the manifold the rows lie on. A duplicate row counts as
+    a neighbour at distance 0."""
+    f = _features(features, "features")
+    n = len(f)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
+        raise JeatError(f"k-NN radii need 1 <= k < number of points ({n}), got k={k!r}")
+    out = []
+    for i in range(0, n, _BLOCK):
+        d = torch.cdist(f[i : i + _BLOCK], f)
+        rows = torch.arange(len(d))
+        d[rows, rows + i] = float("inf")  # a point is not its own neighbour
+        out.append(d.kthvalue(k, dim=1).values)
+    return torch.cat(out)
+
+
+@dataclass
+class ManifoldScores:
+    precision: float  # share of generated points inside the real manifold (k_pr)
+    recall: float  # share of real points inside the generated manifold (k_pr)
+    density: float  # mean count of real balls (k_dc) holding a generated point, over k_dc
+    coverage: float  # share of real balls (k_dc) that hold at least one generated point
+    n_real: int
+    n_fake: int
+    k_pr: int
+    k_dc: int
+
+
+def manifold_scores(
+    real: Tensor,
+    fake: Tensor,
+    k_pr: int = K_PRECISION_RECALL,
+    k_dc: int = K_DENSITY_COVERAGE,
+) -> ManifoldScores:
+    """Precision and recall (Kynkäänniemi et al. 2019) and density and coverage (Naeem et al.
+    2020) of ``fake`` features against ``real`` ones (see the module docstring). A point
+    belongs to a ball when its distance to the centre is at most the radius."""
+    r, g = _features(real, "real features"), _features(fake, "generated features")
+    if r.shape[1] != g.shape[1]:
+        raise JeatError(f"real features are {r.shape[1]}-d, generated ones {g.shape[1]}-d")
+    need = max(k_pr, k_dc) + 1
+    if len(r) < need or len(g) < need:
+        raise JeatError(
+            f"precision/recall/density/coverage need at least {need} real and generated "
+            f"points, got {len(r)} and {len(g)}"
+        )
+    r_pr, r_dc = knn_radii(r, k_pr), knn_radii(r, k_dc)
+    g_pr = knn_radii(g, k_pr)
+    inside_real = torch.zeros(len(g), dtype=torch.bool)  # precision, per generated point
+    balls_held = torch.zeros(len(g), dtype=torch.float64)  # density, per generated point
+    inside_fake = torch.zeros(len(r), dtype=torch.bool)  # recall, per real point
+    nearest_fake = torch.full((len(r),), float("inf"), dtype=torch.float64)  # coverage
+    for i in range(0, len(g), _BLOCK):
+        d = torch.cdist(g[i : i + _BLOCK], r)  # generated block x real
+        inside_real[i : i + _BLOCK] = (d <= r_pr).any(1)
+        balls_held[i : i + _BLOCK] = (d <= r_dc).double().sum(1)
+        inside_fake |= (d <= g_pr[i : i + _BLOCK, None]).any(0)
+        nearest_fake = torch.minimum(nearest_fake, d.min(0).values)
+    return ManifoldScores(
+        precision=float(inside_real.double().mean()),
+        recall=float(inside_fake.double().mean()),
+        density=float(balls_held.mean()) / k_dc,
+        coverage=float((nearest_fake <= r_dc).double().mean()),
+        n_real=len(r),
+        n_fake=len(g),
+        k_pr=k_pr,
+        k_dc=k_dc,
+    )
+
+
+def _mean_pairwise_distance(f: Tensor) -> float:
+    return float(torch.pdist(f).mean())
+
+
+def _subset(n: int, most: int, seed: int) -> Tensor | None:
+    """A seeded choice of ``most`` of ``n`` rows, or None when all of them fit."""
+    if n <= most:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:most]
+
+
+def within_class_diversity(
+    features: Tensor,
+    groups: Tensor,
+    real_features: Tensor,
+    real_groups: Tensor,
+    max_per_class: int = MAX_PER_CLASS,
+    seed: int = 0,
+) -> tuple[float | None, dict[int, float]]:
+    """Per class ``c``: the mean pairwise distance among the generated features of class ``c``
+    divided by the same among the real features of class ``c``; returns the mean of the ratios
+    over the classes with at least two points on both sides (None when there is none) and the
+    ratio per class. Groups < 0 are left out; at most ``max_per_class`` points per class and
+    side (a seeded subset). The mean pairwise distance is an unbiased U-statistic, so the ratio
+    does not drift with the number of samples: 1 means as varied as the data, 0 one image
+    repeated."""
+    f, rf = _features(features, "generated features"), _features(real_features, "real features")
+    groups, real_groups = groups.cpu().long(), real_groups.cpu().long()
+    if len(groups) != len(f) or len(real_groups) != len(rf):
+        raise JeatError("within-class diversity needs one group per feature vector")
+    ratios: dict[int, float] = {}
+    for c in sorted(set(groups[groups >= 0].tolist()) & set(real_groups.tolist())):
+        mine, theirs = f[groups == c], rf[real_groups == c]
+        if len(mine) < 2 or len(theirs) < 2:
+            continue
+        pick = _subset(len(mine), max_per_class, seed + c)
+        mine = mine if pick is None else mine[pick]
+        pick = _subset(len(theirs), max_per_class, seed + c)
+        theirs = theirs if pick is None else theirs[pick]
+        spread = _mean_pairwise_distance(theirs)
+        if spread > 0:
+            ratios[c] = _mean_pairwise_distance(mine) / spread
+    if not ratios:
+        return None, ratios
+    return float(np.mean(list(ratios.values()))), ratios
+
+
 @dataclass
 class GenerationScores:
     backend: str  # "judge" | "inception-v3"
@@ -325,18 +484,134 @@ class GenerationScores:
     inception_score_std: float
     frechet_distance: float
     accuracy: float | None  # judge only: percent of conditional samples judged as their class
+    # k-NN fidelity and diversity on n_knn points per side (None: too few points)
+    precision: float | None = None
+    recall: float | None = None
+    density: float | None = None
+    coverage: float | None = None
+    n_knn: int | None = None
+    k_precision_recall: int = K_PRECISION_RECALL
+    k_density_coverage: int = K_DENSITY_COVERAGE
+    # mean over classes of (mean pairwise distance of samples / of real images), per class
+    diversity: float | None = None
+    diversity_per_class: dict[int, float] | None = None
+    # the same scores of real held-out images against the same real images: the floor
+    reference: GenerationScores | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GenerationScores:
+        """The inverse of :meth:`to_dict` (keys it does not know are ignored)."""
+        names = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in d.items() if k in names}
+        if isinstance(kept.get("reference"), dict):
+            kept["reference"] = cls.from_dict(kept["reference"])
+        if isinstance(kept.get("diversity_per_class"), dict):
+            kept["diversity_per_class"] = {
+                int(c): float(v) for c, v in kept["diversity_per_class"].items()
+            }
+        return cls(**kept)
+
+    def _knn_text(self) -> str:
+        parts = [
+            f"{name} {value:.3f}"
+            for name, value in (
+                ("precision", self.precision),
+                ("recall", self.recall),
+                ("density", self.density),
+                ("coverage", self.coverage),
+                ("diversity", self.diversity),
+            )
+            if value is not None
+        ]
+        return ("  " + "  ".join(parts)) if parts else ""
 
     def line(self) -> str:
         text = (
             f"{self.is_label} {self.inception_score:.3f} ± {self.inception_score_std:.3f} "
             f"({self.splits} splits)  {self.fd_label} {self.frechet_distance:.3f}"
         )
+        text += self._knn_text()
         if self.accuracy is not None:
             text += f"  judge accuracy {self.accuracy:.1f}%"
         return text + f"  [{self.n_samples} samples vs {self.n_real} real]"
+
+    def reference_line(self) -> str | None:
+        """The reference (real held-out images against the same real images) in one line, or
+        None when there is none."""
+        ref = self.reference
+        if ref is None:
+            return None
+        return (
+            f"reference, {ref.n_samples} real held-out images: {ref.fd_label} "
+            f"{ref.frechet_distance:.3f}{ref._knn_text()}"
+        )
+
+
+def _scores(
+    backend: FeatureBackend,
+    probs: Tensor,
+    feats: Tensor,
+    labels: Tensor | None,
+    real_probs: Tensor,
+    real_feats: Tensor,
+    real_labels: Tensor | None,
+    splits: int,
+    seed: int,
+) -> GenerationScores:
+    """Every score from the two sides' outputs (see :func:`score_samples`)."""
+    mean, std = inception_score(probs, splits)
+    fd = frechet_distance(*feature_statistics(feats), *feature_statistics(real_feats))
+    is_judge = backend.name == "judge"
+    acc = None
+    if labels is not None:
+        labels = labels.cpu().long()
+    if is_judge and labels is not None:
+        known = labels >= 0
+        if known.any():
+            hits = probs.argmax(1)[known] == labels[known]
+            acc = 100.0 * float(hits.double().mean())
+    out = GenerationScores(
+        backend.name,
+        backend.is_label,
+        backend.fd_label,
+        len(feats),
+        len(real_feats),
+        splits,
+        mean,
+        std,
+        fd,
+        acc,
+    )
+    n = min(len(feats), len(real_feats), MAX_KNN_POINTS)
+    if n > K_DENSITY_COVERAGE:
+        mine, theirs = _subset(len(feats), n, seed), _subset(len(real_feats), n, seed + 1)
+        m = manifold_scores(
+            real_feats if theirs is None else real_feats[theirs],
+            feats if mine is None else feats[mine],
+        )
+        out.precision, out.recall, out.density, out.coverage = (
+            m.precision,
+            m.recall,
+            m.density,
+            m.coverage,
+        )
+        out.n_knn = n
+    # classes: the labels the samples were made for (else the judge's verdict); the real
+    # images' labels (else the judge's verdict); no diversity without a way to group both
+    groups = labels if labels is not None and bool((labels >= 0).any()) else None
+    if groups is None and is_judge:
+        groups = probs.argmax(1)
+    real_groups = real_labels.cpu().long() if real_labels is not None else None
+    if real_groups is None and is_judge:
+        real_groups = real_probs.argmax(1)
+    if groups is not None and real_groups is not None:
+        out.diversity, out.diversity_per_class = within_class_diversity(
+            feats, groups, real_feats, real_groups, seed=seed
+        )
+    return out
 
 
 def score_samples(
@@ -345,10 +620,23 @@ def score_samples(
     real: Tensor,
     labels: Tensor | None = None,
     splits: int = 10,
+    *,
+    real_labels: Tensor | None = None,
+    held_out: Tensor | None = None,
+    held_out_labels: Tensor | None = None,
+    seed: int = 0,
 ) -> GenerationScores:
-    """IS of ``samples`` and the Fréchet distance between their features and those of
-    ``real``, with ``backend``'s network; for the judge backend, also the share of
-    conditional samples (``labels`` >= 0) it assigns to their class."""
+    """Every score of ``samples`` against ``real`` images in ``backend``'s network: the IS, the
+    Fréchet distance, precision, recall, density, coverage and within-class diversity (module
+    docstring); for the judge backend, also the share of conditional samples (``labels`` >= 0)
+    it assigns to their class.
+
+    Within-class diversity groups the samples by ``labels`` and the real images by
+    ``real_labels``; either missing, by the judge's verdict (no diversity with Inception-v3
+    then). ``held_out``: real images the samples were not scored against (the test split,
+    with ``held_out_labels``); a seeded subset of as many of them as there are samples (at
+    most all) gets the same scores against ``real`` as :attr:`GenerationScores.reference`.
+    ``seed`` fixes every subset drawn."""
     check_images(samples, "samples")
     check_images(real, "real images")
     if samples.shape[1:] != real.shape[1:]:
@@ -358,29 +646,46 @@ def score_samples(
         )
     if labels is not None and len(labels) != len(samples):
         raise JeatError(f"{len(labels)} labels for {len(samples)} samples")
+    if real_labels is not None and len(real_labels) != len(real):
+        raise JeatError(f"{len(real_labels)} labels for {len(real)} real images")
+    if held_out is not None:
+        check_images(held_out, "held-out images")
+        if held_out.shape[1:] != real.shape[1:]:
+            raise JeatError(
+                f"held-out images {tuple(held_out.shape[1:])} and real images "
+                f"{tuple(real.shape[1:])} differ in shape"
+            )
+        if held_out_labels is not None and len(held_out_labels) != len(held_out):
+            raise JeatError(f"{len(held_out_labels)} labels for {len(held_out)} held-out images")
     probs, feats = backend.outputs(samples)
-    _, real_feats = backend.outputs(real)
-    mean, std = inception_score(probs, splits)
-    fd = frechet_distance(*feature_statistics(feats), *feature_statistics(real_feats))
-    acc = None
-    if backend.name == "judge" and labels is not None:
-        labels = labels.cpu().long()
-        known = labels >= 0
-        if known.any():
-            hits = probs.argmax(1)[known] == labels[known]
-            acc = 100.0 * float(hits.double().mean())
-    return GenerationScores(
-        backend.name,
-        backend.is_label,
-        backend.fd_label,
-        len(samples),
-        len(real),
-        splits,
-        mean,
-        std,
-        fd,
-        acc,
-    )
+    real_probs, real_feats = backend.outputs(real)
+    out = _scores(backend, probs, feats, labels, real_probs, real_feats, real_labels, splits, seed)
+    if held_out is not None:
+        pick = _subset(len(held_out), len(samples), seed + 2)
+        if pick is not None:
+            held_out = held_out[pick]
+            held_out_labels = None if held_out_labels is None else held_out_labels[pick]
+        h_probs, h_feats = backend.outputs(held_out)
+        out.reference = _scores(
+            backend,
+            h_probs,
+            h_feats,
+            held_out_labels,
+            real_probs,
+            real_feats,
+            real_labels,
+            min(splits, len(held_out)),
+            seed,
+        )
+    return out
+
+
+def judge_verdicts(judge: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """The judge's predicted class of each image and its confidence (softmax probability of
+    that class, in [0, 1])."""
+    probs, _ = judge_outputs(judge, images)
+    conf, pred = probs.max(1)
+    return pred, conf
 
 
 # -- the judge: trained once per dataset and cached ----------------------------------------

@@ -1,11 +1,13 @@
 """One self-contained HTML page per run (``jeat report RUN``).
 
 The page collects what a run folder holds (see :mod:`jeat.train` for the layout). It opens with
-the results: the headline table (clean and worst-case robust accuracy, judge-FID / judge-IS,
-training time; the same table ``jeat compare`` puts runs side by side in, see
-:mod:`jeat.compare`), then the run's facts, training curves drawn from ``metrics.jsonl``, the
-robustness table and curve (``eval.json``), the sample grids, the energy-landscape figures and
-numbers (``analysis/``), the generation scores (``scores.json`` and any ``*.scores.json``), a WRM
+the results: the headline table (clean and worst-case robust accuracy, judge-FID, precision and
+recall, training time; the same table ``jeat compare`` puts runs side by side in, see
+:mod:`jeat.compare`) with the reference row of real test images under it, then the run's
+facts, training curves drawn from ``metrics.jsonl``, the robustness table and curve
+(``eval.json``), the sample grids (each image's class, chain seed and judge verdict on hover
+when ``samples.json`` records them), the energy-landscape figures and numbers
+(``analysis/``), the generation scores (``scores.json`` and any ``*.scores.json``), a WRM
 certificate when there is one, the divergence events, the commands that reproduce the run and,
 folded away at the end, the resolved config. Every section says which command line (re)produces
 it, and a section whose files are missing says so and gives the command that makes them.
@@ -31,9 +33,14 @@ from jeat.utils import atomic_write, pyplot
 
 __all__ = [
     "HEADLINE",
+    "REFERENCE_LABEL",
+    "SCORE_KEYS",
     "SECTIONS",
     "flatness_table",
+    "grid_record",
     "headline_table",
+    "reference_metrics",
+    "sample_grid",
     "render_report",
     "run_results",
     "write_report",
@@ -58,16 +65,31 @@ SECTIONS = (
 
 # The headline metrics, in column order: (key, column title, digits). The keys are those of a
 # study's summary.json (benchmarks/study.py); a run's own come from run_results. The judge
-# scores carry the sampler: fid_descent, is_sgld, ...
+# scores carry the sampler: fid_descent, recall_sgld, ... The judge-IS is not among them: with
+# ten classes and a confident judge it saturates near 10 for nearly every model (docs/scores.md)
 HEADLINE = (
     ("clean", "clean %", 2),
     ("worst_case", "worst-case robust %", 2),
     ("fid_descent", "judge-FID (descent)", 2),
-    ("is_descent", "judge-IS (descent)", 3),
+    ("precision_descent", "precision (descent)", 3),
+    ("recall_descent", "recall (descent)", 3),
     ("fid_sgld", "judge-FID (SGLD)", 2),
-    ("is_sgld", "judge-IS (SGLD)", 3),
+    ("precision_sgld", "precision (SGLD)", 3),
+    ("recall_sgld", "recall (SGLD)", 3),
     ("train_seconds", "training s", 1),
 )
+# the judge scores run_results reads: (key prefix, field of a GenerationScores dict)
+SCORE_KEYS = (
+    ("fid", "frechet_distance"),
+    ("is", "inception_score"),
+    ("judge_acc", "accuracy"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("density", "density"),
+    ("coverage", "coverage"),
+    ("diversity", "diversity"),
+)
+REFERENCE_LABEL = "real test images (reference)"
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d1d1f;
@@ -98,6 +120,12 @@ figcaption{font-size:12px;color:#555}
 .missing{color:#8a5a00;background:#fff7e6;border:1px solid #f3d9a4;padding:6px 10px}
 .warn{color:#9b1c1c}
 .cmd{margin:4px 0}
+.tiles{position:relative;display:inline-block;line-height:0}
+.tiles img{display:block;width:100%}
+.tiles span{position:absolute}
+.tiles span:hover{outline:2px solid #d97706}
+.verdicts td{font-size:11px}
+.verdicts .off{color:#9b1c1c;font-weight:bold}
 """
 
 
@@ -221,27 +249,36 @@ def _figure_png(fig: Any) -> bytes:
 # ---------------------------------------------------------------------------- headline
 def run_results(root: str | Path) -> dict[str, float]:
     """The headline numbers of run folder ``root`` that its files hold, keyed as in
-    :data:`HEADLINE` (plus ``pgd20`` and ``judge_acc_METHOD``): ``clean`` and ``worst_case``
-    (the table's robust accuracy) from ``eval.json``, ``fid_METHOD`` / ``is_METHOD`` /
-    ``judge_acc_METHOD`` from ``scores.json`` (METHOD: its sampler), ``train_seconds`` the sum
-    of the epochs' ``epoch_seconds`` in ``metrics.jsonl``. A number whose file is missing is
-    left out."""
+    :data:`HEADLINE` (plus ``pgd20``, ``autoattack_fast`` and more judge scores): ``clean``,
+    ``pgd20``, ``autoattack_fast`` (the last row of its group) and ``worst_case`` (the
+    table's robust accuracy) from ``eval.json``; ``fid_METHOD``, ``is_METHOD``,
+    ``judge_acc_METHOD``, ``precision_METHOD``, ``recall_METHOD``, ``density_METHOD``,
+    ``coverage_METHOD`` and ``diversity_METHOD`` from ``scores.json`` (METHOD: its sampler),
+    with the reference's as ``ref_fid``, ``ref_precision``, ...; ``train_seconds`` the sum of
+    the epochs' ``epoch_seconds`` in ``metrics.jsonl``. A number whose file is missing is left
+    out."""
     root = Path(root)
     out: dict[str, float] = {}
     if (root / "eval.json").exists():
         ev = _read_json(root / "eval.json")
         for a in ev.get("attacks") or []:
-            if a.get("attack") in ("clean", "pgd20") and a.get("accuracy") is not None:
+            if a.get("accuracy") is None:
+                continue
+            if a.get("attack") in ("clean", "pgd20"):
                 out[str(a["attack"])] = float(a["accuracy"])
+            elif str(a.get("attack", "")).startswith("autoattack-fast"):
+                out["autoattack_fast"] = float(a["accuracy"])  # the group's last row
         if ev.get("robust_accuracy") is not None:
             out["worst_case"] = float(ev["robust_accuracy"])
     if (root / "scores.json").exists():
         sc = _read_json(root / "scores.json")
         judge, method = sc.get("judge") or {}, sc.get("method") or "descent"
-        for key, field in (("fid", "frechet_distance"), ("is", "inception_score"),
-                           ("judge_acc", "accuracy")):  # fmt: skip
+        ref = judge.get("reference") or {}
+        for key, field in SCORE_KEYS:
             if judge.get(field) is not None:
                 out[f"{key}_{method}"] = float(judge[field])
+            if ref.get(field) is not None:
+                out[f"ref_{key}"] = float(ref[field])
     rows = _read_jsonl(root / "metrics.jsonl")
     if rows and all("epoch_seconds" in r for r in rows):
         out["train_seconds"] = float(sum(r["epoch_seconds"] for r in rows))
@@ -277,12 +314,27 @@ def headline_table(
     return f'<div class="headline">{_table(head, body)}</div>'
 
 
+def reference_metrics(results: dict[str, Any], methods: list[str]) -> dict[str, Any]:
+    """The reference's numbers (``ref_fid``, ``ref_precision``, ... of :func:`run_results`, or
+    a study's reference) under each sampler's headline key (``fid_descent``, ...): the row
+    every model's numbers are read against."""
+    return {
+        f"{key}_{m}": results[f"ref_{key}"]
+        for m in methods
+        for key, _ in SCORE_KEYS
+        if f"ref_{key}" in results
+    }
+
+
 def _headline(run: _Run) -> str:
     results = run_results(run.root)
     i = run.info
-    table = headline_table(
-        [([i.get("objective", "?"), i.get("dataset", "?")], results)], ["objective", "dataset"]
-    )
+    rows = [([i.get("objective", "?"), i.get("dataset", "?")], results)]
+    methods = [k.removeprefix("fid_") for k in results if k.startswith("fid_")]
+    ref = reference_metrics(results, methods)
+    if ref:
+        rows.append(([REFERENCE_LABEL, i.get("dataset", "?")], ref))
+    table = headline_table(rows, ["objective", "dataset"])
     notes = []
     if "worst_case" not in results:
         notes.append(_missing("No robustness table yet (eval.json).", f"jeat eval {run.q}"))
@@ -298,6 +350,15 @@ def _headline(run: _Run) -> str:
     if not any(k.startswith("fid_") for k in results):
         notes.append(
             '<p>No generation scores yet: see <a href="#scores">Generation scores</a>.</p>'
+        )
+    elif ref:
+        notes.append(
+            f"<p>The {_e(REFERENCE_LABEL)} row scores as many real test images as there are "
+            "samples (at most all of them), against the same training images with the same "
+            "judge: what a generator whose images the judge cannot tell from real ones would "
+            "score. Precision is the share of samples "
+            "that look like real images, recall the share of real images the samples reach "
+            '(<a href="#scores">Generation scores</a>).</p>'
         )
     return table + "".join(notes)
 
@@ -517,9 +578,103 @@ def _samples(run: _Run) -> str:
     text = (
         f"<p>Generated with <code>{_e(g.get('method', 'descent'))}</code>, "
         f"{_e(g.get('steps', '?'))} steps, seeds <code>{_e(g.get('seeds', 'class'))}</code>; "
-        "one row per class for conditional samples.</p>"
+        "one row per class for conditional samples, every image from its own chain (its own "
+        "seed). Hover an image for its class, chain seed and the judge's verdict.</p>"
     )
-    return text + "".join(_png_file(p, width=420) for p in grids)
+    return text + "".join(sample_grid(p, width=420) for p in grids)
+
+
+def grid_record(png: Path) -> dict[str, Any] | None:
+    """The record :func:`jeat.finish.write_grid_record` wrote beside the grid ``png``, or None
+    when there is none (or it does not describe this grid)."""
+    path = png.with_suffix(".json")
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(rec, dict) and isinstance(rec.get("images"), list)
+    return rec if ok and isinstance(rec.get("layout"), dict) else None
+
+
+def _verdict_text(im: dict[str, Any]) -> str:
+    label = int(im.get("label", -1))
+    what = f"class {label}" if label >= 0 else "unconditional"
+    text = f"{what}, chain seed {im.get('seed', '?')}"
+    if im.get("judge_class") is not None:
+        conf = 100 * float(im.get("judge_confidence") or 0.0)
+        text += f"; judge: {im['judge_class']} ({conf:.0f}%)"
+    return text
+
+
+def sample_grid(png: Path, caption: str | None = None, width: int = 420) -> str:
+    """The sample grid ``png``; when its record (:func:`grid_record`) is there, each image
+    carries its class, chain seed and judge verdict as a hover title (transparent boxes laid
+    over the grid, positioned in percent so they follow any display size), and a folded table
+    gives every verdict."""
+    rec = grid_record(png)
+    if rec is None:
+        return _png_file(png, caption, width)
+    lay = rec["layout"]
+    try:
+        (hgt, wid), (th, tw), pad = lay["size"], lay["tile"], int(lay["pad"])
+    except (KeyError, TypeError, ValueError):
+        return _png_file(png, caption, width)
+    src = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+    boxes = []
+    for im in rec["images"]:
+        r, c = int(im.get("row", 0)), int(im.get("col", 0))
+        top, left = pad + r * (th + pad), pad + c * (tw + pad)
+        boxes.append(
+            f'<span title="{_e(_verdict_text(im))}" style="left:{100 * left / wid:.4f}%;'
+            f"top:{100 * top / hgt:.4f}%;width:{100 * tw / wid:.4f}%;"
+            f'height:{100 * th / hgt:.4f}%"></span>'
+        )
+    judged = [im for im in rec["images"] if im.get("judge_class") is not None]
+    cap = caption or png.name
+    if judged:
+        asked = [im for im in judged if int(im.get("label", -1)) >= 0]
+        agree = sum(int(im["judge_class"]) == int(im["label"]) for im in asked)
+        conf = 100 * sum(float(im["judge_confidence"]) for im in judged) / len(judged)
+        cap += (
+            f"; the judge agrees with the class asked for on {agree} of {len(asked)}"
+            if asked
+            else ""
+        ) + f" (mean confidence {conf:.0f}%)"
+    table = _verdict_table(rec["images"]) if judged else ""
+    return (
+        f'<figure><div class="tiles" style="width:{width}px"><img src="{src}" '
+        f'alt="{_e(png.name)}">{"".join(boxes)}</div><figcaption>{_e(cap)}</figcaption>'
+        f"{table}</figure>"
+    )
+
+
+def _verdict_table(images: list[dict[str, Any]]) -> str:
+    """Every image's judge verdict, one row per grid row: ``predicted class · confidence``,
+    in bold red where it is not the class the image was made for."""
+    rows: dict[int, list[dict[str, Any]]] = {}
+    for im in images:
+        rows.setdefault(int(im.get("row", 0)), []).append(im)
+    body = []
+    for r in sorted(rows):
+        ims = sorted(rows[r], key=lambda im: int(im.get("col", 0)))
+        labels = {int(im.get("label", -1)) for im in ims}
+        only = next(iter(labels)) if len(labels) == 1 else -1
+        head = f"class {only}" if only >= 0 else f"row {r}"
+        cells = []
+        for im in ims:
+            if im.get("judge_class") is None:
+                cells.append("<td>-</td>")
+                continue
+            text = f"{im['judge_class']} · {100 * float(im['judge_confidence']):.0f}%"
+            off = int(im.get("label", -1)) >= 0 and int(im["judge_class"]) != int(im["label"])
+            cells.append(f'<td class="off">{_e(text)}</td>' if off else f"<td>{_e(text)}</td>")
+        body.append(f"<tr><td>{_e(head)}</td>{''.join(cells)}</tr>")
+    return (
+        '<details class="verdicts"><summary>The judge\'s verdict on every image (class · '
+        "confidence)</summary><table><tbody>" + "".join(body) + "</tbody></table></details>"
+    )
 
 
 def _energy(run: _Run) -> str:
@@ -597,15 +752,41 @@ def _scores(run: _Run) -> str:
         )
     head = [
         "file",
+        "images",
         "backend",
+        "FID",
+        "precision",
+        "recall",
+        "density",
+        "coverage",
+        "diversity",
+        "judge accuracy %",
         "IS",
         "± std",
         "splits",
-        "FID",
-        "judge accuracy %",
         "samples",
         "real",
     ]
+
+    def row(name: str, what: str, s: dict[str, Any]) -> list[Any]:
+        return [
+            name,
+            what,
+            f"{s.get('is_label')} / {s.get('fd_label')}",
+            _fmt(s.get("frechet_distance"), 3),
+            _fmt(s.get("precision"), 3),
+            _fmt(s.get("recall"), 3),
+            _fmt(s.get("density"), 3),
+            _fmt(s.get("coverage"), 3),
+            _fmt(s.get("diversity"), 3),
+            _fmt(s.get("accuracy"), 1),
+            _fmt(s.get("inception_score"), 3),
+            _fmt(s.get("inception_score_std"), 3),
+            s.get("splits"),
+            s.get("n_samples"),
+            s.get("n_real"),
+        ]
+
     rows = []
     for f in files:
         data = _read_json(f)
@@ -613,23 +794,20 @@ def _scores(run: _Run) -> str:
             s = data.get(key)
             if not s:
                 continue
-            rows.append(
-                [
-                    f.name,
-                    f"{s.get('is_label')} / {s.get('fd_label')}",
-                    _fmt(s.get("inception_score"), 3),
-                    _fmt(s.get("inception_score_std"), 3),
-                    s.get("splits"),
-                    _fmt(s.get("frechet_distance"), 3),
-                    _fmt(s.get("accuracy"), 1),
-                    s.get("n_samples"),
-                    s.get("n_real"),
-                ]
-            )
+            rows.append(row(f.name, "generated", s))
+            if isinstance(s.get("reference"), dict):
+                rows.append(row(f.name, "real test (reference)", s["reference"]))
     return (
-        "<p>judge-IS and judge-FID come from an independently trained standard classifier of "
-        "the same dataset; they compare models scored by the same judge and are <b>not</b> "
-        "Inception Scores or FIDs (docs/scores.md).</p>" + _table(head, rows)
+        "<p>Every score compares images with the real training images in the feature space of "
+        "an independently trained standard classifier of the same dataset (the judge), or of "
+        "Inception-v3; judge scores compare models scored by the same judge and are "
+        "<b>not</b> Inception Scores or FIDs. Precision and recall (k = 3): the share of "
+        "samples inside the real images' k-NN manifold, and of real images inside the "
+        "samples'; density and coverage (k = 5) likewise, robust to outliers; diversity: "
+        "within-class mean pairwise distance over the real images' (1: as varied as the data). "
+        "The reference rows score real test images the same way: the floor. The judge-IS "
+        "saturates near the class count and tells models apart on little "
+        "(docs/scores.md).</p>" + _table(head, rows)
     )
 
 

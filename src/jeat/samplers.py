@@ -22,7 +22,7 @@ upsampled, so the covariance stays small and well conditioned.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from jeat.energy import (
     marginal_energy_from_logits,
 )
 from jeat.errors import JeatError
+from jeat.utils import derive_seed
 
 __all__ = [
     "ClassGaussians",
@@ -50,11 +51,34 @@ __all__ = [
     "ReplayBuffer",
     "BUFFER_INITS",
     "generate",
+    "generate_chains",
+    "chain_seeds",
+    "Samples",
+    "Generators",
     "SEEDS",
 ]
 
 # An energy to descend: per-example values from logits and (optional) labels.
 EnergyFn = Callable[[Tensor, Tensor | None], Tensor]
+
+# Randomness of a batch of chains: one generator for the whole batch (None: the global
+# stream), or one per chain, so that a chain's draws do not depend on the others in its batch.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _draw(
+    fn: Callable[..., Tensor], shape: tuple[int, ...], n: int, generator: Generators
+) -> Tensor:
+    """``n`` draws of ``shape`` from ``fn`` (``torch.randn`` or ``torch.rand``), on the host:
+    from one generator, or row ``i`` from ``generator[i]``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return fn((n, *shape), generator=generator)
+    if len(generator) != n:
+        raise JeatError(f"{len(generator)} generators for {n} chains; give one per chain")
+    if n == 0:
+        return fn((0, *shape))
+    return torch.stack([fn(shape, generator=g) for g in generator])
+
 
 SEEDS = ("class", "pooled", "uniform")
 
@@ -68,12 +92,13 @@ class ClassGaussians:
     shape: tuple[int, int, int]  # full-resolution (C, H, W)
     low_shape: tuple[int, int, int]  # resolution the Gaussians live at
 
-    def sample(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Draw one seed per label, upsampled to full resolution and clamped to [0, 1]."""
+    def sample(self, labels: Tensor, generator: Generators = None) -> Tensor:
+        """Draw one seed per label, upsampled to full resolution and clamped to [0, 1]
+        (``generator``: one for all, or one per label: see :data:`Generators`)."""
         k = self.means.shape[0]
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
             raise JeatError(f"classes must lie in [0, {k - 1}], got {labels.tolist()}")
-        z = torch.randn(labels.shape[0], self.means.shape[1], generator=generator)
+        z = _draw(torch.randn, (self.means.shape[1],), labels.shape[0], generator)
         # one product per class: indexing ``chol[labels]`` would copy a D x D factor per seed
         # (10,000 buffer seeds of CIFAR's 768-dim Gaussians: 23.6 GB)
         x = self.means[labels].clone()
@@ -118,10 +143,11 @@ def sample_seeds(
     kind: str,
     data: ImageDataset,
     labels: Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     max_side: int = 16,
 ) -> Tensor:
-    """Starting points for generation, one per label.
+    """Starting points for generation, one per label (``generator``: one for all, or one per
+    label).
 
     ``class``: the class-conditional Gaussian of each label (Santurkar et al.); ``pooled``: one
     Gaussian fitted on all training images (the seed says nothing about the target class, so
@@ -134,7 +160,7 @@ def sample_seeds(
         pooled = fit_class_gaussians(data.x_train, torch.zeros_like(data.y_train), 1, max_side)
         return pooled.sample(torch.zeros_like(labels), generator)
     if kind == "uniform":
-        return torch.rand((len(labels), *data.info.shape), generator=generator)
+        return _draw(torch.rand, tuple(data.info.shape), len(labels), generator)
     raise JeatError(f"unknown seed distribution '{kind}'; choose one of {', '.join(SEEDS)}")
 
 
@@ -201,18 +227,26 @@ class SGLD:
         model: nn.Module,
         x0: Tensor,
         labels: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> Tensor:
+        """``generator``: one for the batch (on ``x0``'s device), or one host generator per
+        chain, whose noise is then drawn on the host (chain ``i``'s path depends on
+        ``generator[i]`` alone)."""
         if self.step_size < 0 or self.noise < 0:
             raise JeatError("SGLD step size and noise must be >= 0")
         clip = self.grad_clip
         if clip is not None and not clip > 0:
             raise JeatError(f"SGLD gradient clip must be > 0 (or None), got {clip}")
+        per_chain = not (generator is None or isinstance(generator, torch.Generator))
 
         def update(x: Tensor, grad: Tensor) -> Tensor:
             if clip is not None:
                 grad = grad.clamp(-clip, clip)
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if per_chain:
+                noise = _draw(torch.randn, tuple(x.shape[1:]), len(x), generator)
+                noise = _to_device(noise, x.device).to(x.dtype)
+            else:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             return (x - self.step_size * grad + self.noise * noise).clamp_(0.0, 1.0)
 
         energy = _marginal if labels is None else _joint
@@ -405,23 +439,55 @@ class SeededDescent:
         return descend(model, seeds, _class_gap, update, self.steps, labels)
 
 
-def generate(
+@dataclass
+class Samples:
+    """Generated images, the class each was made for (None: unconditional) and, per image, the
+    seed of its own chain: its starting point and, for SGLD, its noise come from a generator
+    seeded with it alone (see :func:`chain_seeds`)."""
+
+    images: Tensor
+    labels: Tensor | None
+    seeds: list[int]
+
+
+def chain_seeds(seed: int, labels: Tensor | None, n: int | None = None) -> list[int]:
+    """One seed per image, derived from ``seed``: for class-conditional images (``labels``),
+    the ``j``-th image of class ``c`` gets ``derive_seed(seed, c, j)``, so it is the same image
+    whichever other classes, and however many images, are generated with it; ``n``
+    unconditional images (``labels`` None) get ``derive_seed(seed, -1, j)``."""
+    if labels is None:
+        if n is None:
+            raise JeatError("chain_seeds needs labels or a number of images")
+        return [derive_seed(seed, -1, j) for j in range(n)]
+    seen: dict[int, int] = {}
+    out = []
+    for c in labels.tolist():
+        j = seen.get(c, 0)
+        seen[c] = j + 1
+        out.append(derive_seed(seed, c, j))
+    return out
+
+
+def generate_chains(
     model: nn.Module,
     data: ImageDataset,
     cfg: Any,
     classes: list[int] | None = None,
     n_per_class: int | None = None,
     seed: int = 0,
-) -> tuple[Tensor, Tensor | None]:
+) -> Samples:
     """Generate images from a classifier's energy, as a :class:`~jeat.config.GenerateConfig`
-    ``cfg`` describes.
+    ``cfg`` describes, each image from its own chain.
 
     * ``method="descent"``: seeded descent on ``E(x, y) - E(x)`` (class-conditional only).
     * ``method="sgld"``: ``cfg.steps`` SGLD steps on ``E(x, y)`` (conditional) or ``E(x)``
       (``conditional=False``), from the seed distribution ``cfg.seeds``.
 
     Conditional samples come class by class (``n_per_class`` each, labels returned);
-    unconditional ones are ``n_per_class * num_classes`` images with labels ``None``.
+    unconditional ones are ``n_per_class * num_classes`` images with labels ``None`` (each
+    chain draws its seed's class for class-conditional seeds from its own generator). Every
+    image has its own generator, seeded by :func:`chain_seeds`: no two images share a starting
+    point or noise, and an image does not change with the batch it is generated in.
     """
     k = data.info.num_classes
     if cfg.method not in ("descent", "sgld"):
@@ -435,21 +501,38 @@ def generate(
     n = n_per_class or cfg.n_per_class
     if n < 1:
         raise JeatError(f"images per class must be >= 1, got {n}")
-    gen = torch.Generator().manual_seed(seed)
     if cfg.conditional:
         labels: Tensor | None = torch.tensor(classes).repeat_interleave(n)
+        seeds = chain_seeds(seed, labels)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
         seed_labels = labels
     else:
-        labels, seed_labels = None, torch.randint(0, k, (n * k,), generator=gen)
-    seeds = sample_seeds(cfg.seeds, data, seed_labels, gen, max_side=cfg.seed_resolution)
+        labels = None
+        seeds = chain_seeds(seed, None, n * k)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        seed_labels = torch.cat([torch.randint(0, k, (1,), generator=g) for g in gens])
+    starts = sample_seeds(cfg.seeds, data, seed_labels, gens, max_side=cfg.seed_resolution)
     device = next(model.parameters()).device
-    seeds = seeds.to(device)
+    starts = starts.to(device)
     dev_labels = labels.to(device) if labels is not None else None
     if cfg.method == "descent":
         assert dev_labels is not None
         sampler = SeededDescent(steps=cfg.steps, radius=cfg.radius, step_size=cfg.step_size)
-        images = sampler(model, seeds, dev_labels)
+        images = sampler(model, starts, dev_labels)
     else:
         sgld = SGLD(steps=cfg.steps, step_size=cfg.sgld_step_size, noise=cfg.sgld_noise)
-        images = sgld(model, seeds, dev_labels)
-    return images.cpu(), labels
+        images = sgld(model, starts, dev_labels, gens)
+    return Samples(images.cpu(), labels, seeds)
+
+
+def generate(
+    model: nn.Module,
+    data: ImageDataset,
+    cfg: Any,
+    classes: list[int] | None = None,
+    n_per_class: int | None = None,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`generate_chains`' images and labels."""
+    s = generate_chains(model, data, cfg, classes, n_per_class, seed)
+    return s.images, s.labels

@@ -295,15 +295,19 @@ def _cell_text(m: dict[str, Any] | None, digits: int) -> str:
 def summary_markdown(
     summary: dict[str, Any],
     columns: Sequence[tuple[str, str, int]],
+    heading: str = "{dataset}",
+    extra_rows: dict[str, list[tuple[str, dict[str, float | None]]]] | None = None,
 ) -> str:
     """Tables of means ± half-widths of the t-intervals per dataset (``columns``: metric key,
-    heading, decimals), then the paired differences with their verdicts."""
+    heading, decimals; ``heading``: each table's title, ``{dataset}`` filled in), then the
+    paired differences with their verdicts. ``extra_rows`` adds rows of plain numbers (no
+    seeds, no interval) under a dataset's table: ``{dataset: [(name, {metric: value})]}``."""
     level = summary.get("level", 0.95)
     lines = []
     datasets = list(dict.fromkeys(g["dataset"] for g in summary["groups"]))
     for dataset in datasets:
         lines += [
-            f"### {dataset}",
+            f"### {heading.format(dataset=dataset)}",
             "",
             "| variant | seeds | " + " | ".join(h for _, h, _ in columns) + " |",
             "|---|---|" + "---|" * len(columns),
@@ -313,6 +317,11 @@ def summary_markdown(
                 continue
             cells = [_cell_text(g["metrics"].get(k), d) for k, _, d in columns]
             lines.append(f"| {g['variant']} | {g['n_seeds']} | " + " | ".join(cells) + " |")
+        for name, values in (extra_rows or {}).get(dataset, []):
+            cells = [
+                "–" if values.get(k) is None else f"{float(values[k]):.{d}f}" for k, _, d in columns
+            ]
+            lines.append(f"| {name} | – | " + " | ".join(cells) + " |")
         lines.append("")
     diffs = summary["differences"]
     if diffs:

@@ -128,13 +128,29 @@ def image_grid(images: Tensor, nrow: int, pad: int = 1, scale: int = 1) -> np.nd
     return arr[0] if c == 1 else np.transpose(arr, (1, 2, 0))
 
 
+def grid_layout(n: int, height: int, width: int, nrow: int, min_side: int = 32) -> dict[str, Any]:
+    """Where :func:`save_image_grid` puts each of ``n`` images of ``height`` x ``width``
+    pixels, ``nrow`` per row: the upscaling ``scale``, the padding ``pad`` (pixels of the PNG),
+    the ``columns`` and ``rows``, the ``tile`` side (height, width) and the PNG's ``size``
+    (height, width). Image ``i`` starts at row ``pad + r * (tile[0] + pad)``, column
+    ``pad + c * (tile[1] + pad)`` with ``r, c = divmod(i, columns)``."""
+    scale = max(1, -(-min_side // width))
+    pad = max(1, scale // 2)
+    columns = max(1, nrow)
+    rows = (n + columns - 1) // columns
+    tile = (height * scale, width * scale)
+    size = (rows * (tile[0] + pad) + pad, columns * (tile[1] + pad) + pad)
+    return {"scale": scale, "pad": pad, "columns": columns, "rows": rows, "tile": list(tile),
+            "size": list(size)}  # fmt: skip
+
+
 def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int, min_side: int = 32) -> Path:
-    """Save images as a PNG grid (``nrow`` images per row), upscaling tiny images for viewing."""
+    """Save images as a PNG grid (``nrow`` images per row), upscaling tiny images for viewing
+    (:func:`grid_layout` says where each image lands)."""
     from PIL import Image
 
-    h = images.shape[-1]
-    scale = max(1, -(-min_side // h))
-    arr = image_grid(images, nrow=nrow, scale=scale, pad=max(1, scale // 2))
+    layout = grid_layout(len(images), images.shape[-2], images.shape[-1], nrow, min_side)
+    arr = image_grid(images, nrow=nrow, scale=layout["scale"], pad=layout["pad"])
     img = Image.fromarray(arr)
     return atomic_save(path, lambda fh: img.save(fh, format="PNG"))
 
