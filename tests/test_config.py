@@ -59,7 +59,8 @@ def test_every_dataset_has_all_four_objectives_and_bases_merge(tmp_path):
         assert cfg.model.options["norm"] == "none" and paper in names
     # a child overrides one key of a section and keeps its siblings
     jeat = load_config("mnist-jeat")
-    assert jeat.objective.attack.eps == pytest.approx(0.3) and jeat.objective.attack.steps == 40
+    steps = load_config("mnist-pgdat").objective.attack.steps
+    assert jeat.objective.attack.eps == pytest.approx(0.3) and jeat.objective.attack.steps == steps
     (tmp_path / "base.yaml").write_text("epochs: 7\noptim: {name: adam, lr: 0.01}\n")
     (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {lr: 0.5}\n")
     cfg = load_config(str(tmp_path / "child.yaml"))
@@ -81,14 +82,44 @@ def test_every_dataset_has_each_defence_config_and_it_builds():
                                   ("doa", "doa")]:  # fmt: skip
             cfg = load_config(f"{ds}-{suffix}")
             assert cfg.objective.name == objective and cfg.data.name == ds
-            # one budget: the defence changes only what defines it
-            assert (cfg.epochs, cfg.batch_size, cfg.optim) == (
-                base.epochs,
-                base.batch_size,
-                base.optim,
-            )
+            # one budget: the defence changes only what defines it; TRADES, whose step costs
+            # more, trains fewer epochs where its config fits PGD-AT's CPU budget
+            assert (cfg.batch_size, cfg.optim) == (base.batch_size, base.optim)
+            if suffix == "trades":
+                assert cfg.epochs <= base.epochs
+            else:
+                assert cfg.epochs == base.epochs
             create_objective(cfg.objective, info)
             model = build_model(cfg, info)
             acts = {type(m).__name__ for m in model.modules()}
             expected = {"wrm": "ELU", "kwta": "KWTA"}.get(suffix, "ReLU")
             assert expected in acts, (ds, suffix, acts)
+
+
+def test_every_builtin_config_builds_its_model_and_objective():
+    from jeat.data import dataset_info
+    from jeat.objectives import create_objective
+    from jeat.runs import build_model
+
+    for name in sorted(builtin_configs()):
+        cfg = load_config(name)
+        info = dataset_info(cfg.data.name)
+        build_model(cfg, info)
+        create_objective(cfg.objective, info)
+
+
+def test_naming_another_model_or_objective_starts_its_options_afresh(tmp_path):
+    base = load_config("digits-pgdat")
+    assert base.model.name == "lean_cnn" and "hidden" in base.model.options
+    # an override: the lean network's options do not follow to a ResNet; explicit ones do
+    cfg = load_config(None, ["model.name=preact_resnet18", "model.options.width=8"])
+    assert cfg.model.options == {"width": 8}
+    assert load_config("digits-jeat", ["objective.name=trades"]).objective.options == {}
+    # the same model keeps its base's options
+    assert load_config(None, ["model.name=lean_cnn"]).model.options == base.model.options
+    # a config file on a base: same rule
+    child = tmp_path / "child.yaml"
+    child.write_text("base: digits-pgdat\nmodel:\n  name: small_cnn\n  options: {width: 4}\n")
+    assert load_config(str(child)).model.options == {"width": 4}
+    child.write_text("base: digits-pgdat\nmodel:\n  options: {width: 4}\n")
+    assert load_config(str(child)).model.options == {**base.model.options, "width": 4}

@@ -40,7 +40,11 @@ def test_energy_weight_warmup_is_a_function_of_the_step():
     data = load_dataset("digits")
     cfg = load_config(
         "digits-jeat",
-        ["objective.options.energy_weight=1.0", "objective.options.energy_weight_warmup_steps=4"],
+        [
+            "objective.options.energy_weight=1.0",
+            "objective.options.energy_weight_warmup_steps=4",
+            "objective.attack.eps_warmup_steps=100",
+        ],
     )
     obj = create_objective(cfg.objective, data.info)
     seen = []
@@ -48,7 +52,7 @@ def test_energy_weight_warmup_is_a_function_of_the_step():
         obj.begin_step(step)
         seen.append(obj.energy_weight)
     assert seen == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.5])
-    # the eps warm-up (the attack's mixin, 100 steps in digits-pgdat) still runs beside it
+    # the eps warm-up (the attack's mixin, 100 steps here) still runs beside it
     assert obj.attack.threat.eps == pytest.approx(0.2 * 2 / 100)
     # and the weight reaches the loss: the generative term scales with it
     obj.setup(data, torch.device("cpu"))

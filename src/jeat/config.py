@@ -343,9 +343,28 @@ def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Sections whose ``options`` belong to the ``name`` beside them: a config (or override) that
+# names another model or objective starts that section's options afresh.
+_NAMED_SECTIONS = ("model", "objective")
+
+
+def _fresh_options(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``base`` without the options of a model or objective that ``child`` replaces by name."""
+    out = dict(base)
+    for sec in _NAMED_SECTIONS:
+        old, new = base.get(sec), child.get(sec)
+        if not isinstance(old, dict) or not isinstance(new, dict) or "name" not in new:
+            continue
+        if new["name"] != old.get("name") and "options" in old:
+            out[sec] = {k: v for k, v in old.items() if k != "options"}
+    return out
+
+
 def _resolve_bases(path_or_name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a config and, if it names a ``base:`` (a built-in name or a path relative to the
-    file), merge it over that base, recursively."""
+    file), merge it over that base, recursively. Sections merge key by key, except that a
+    config naming another ``model.name`` or ``objective.name`` than its base does not inherit
+    the base's ``options`` for it (they were written for the other model or objective)."""
     if path_or_name in seen:
         raise JeatError(f"config bases form a cycle: {' -> '.join((*seen, path_or_name))}")
     data = _read_yaml(path_or_name)
@@ -357,7 +376,7 @@ def _resolve_bases(path_or_name: str, seen: tuple[str, ...] = ()) -> dict[str, A
     path = Path(path_or_name)
     if path.exists() and (path.parent / base).exists():
         base = str(path.parent / base)
-    return _merge(_resolve_bases(base, (*seen, path_or_name)), data)
+    return _merge(_fresh_options(_resolve_bases(base, (*seen, path_or_name)), data), data)
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -388,9 +407,19 @@ def load_config(path_or_name: str | None = None, overrides: list[str] | None = N
     """Load a config file (or built-in name; default ``digits-pgdat``) with overrides applied.
 
     A config may start from another with ``base: <name or relative path>`` and list only what
-    differs; sections are merged key by key.
+    differs; sections are merged key by key. A config or override that names another model or
+    objective than its base starts that one's ``options`` afresh.
     """
     data = _resolve_bases(path_or_name or "digits-pgdat")
+    # an override naming another model or objective drops the options written for the old one
+    # (``--model preact_resnet18`` on a config of another network); options set by overrides
+    # are applied after
+    named: dict[str, Any] = {}
+    for item in overrides or []:
+        key, _, text = item.partition("=")
+        if key.strip() in (f"{sec}.name" for sec in _NAMED_SECTIONS):
+            named[key.strip().split(".")[0]] = {"name": parse_value(text)}
+    data = _fresh_options(data, named)
     apply_overrides(data, overrides or [])
     cfg = config_from_dict(TrainConfig, data)
     validate_config(cfg)
