@@ -55,6 +55,8 @@ class EvalResult:
     traces: dict[str, LossTrace] = field(default_factory=dict, repr=False)
     specs: dict[str, AttackSpec] = field(default_factory=dict, repr=False)  # per stage
     point_notes: list[str] = field(default_factory=list, repr=False)  # per point (diagnosis)
+    # what the points are: "360 of 360 images of npz:..., all of them (...)"; "" says "N points"
+    points: str = ""
 
     def broken_by(self) -> list[str]:
         """Per point, the first row (table order) that misclassified it; "" when robust."""
@@ -102,6 +104,9 @@ class EvalResult:
             writer.writerow([i, labels[i], broken[i], int(robust[i]), *cells, *notes])
         return buf.getvalue()
 
+    def describe_points(self) -> str:
+        return self.points or f"{self.n} points"
+
     @property
     def n(self) -> int:
         return self.rows[0].n if self.rows else 0
@@ -115,6 +120,7 @@ class EvalResult:
     def to_dict(self) -> dict:
         return {
             "n": self.n,
+            "points": self.describe_points(),
             "threat": self.threat,
             "eps": self.eps,
             "mode": self.mode,
@@ -150,7 +156,8 @@ class EvalResult:
             cells = enumerate(zip(row, widths, strict=True))
             return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in cells)
 
-        lines = [f"{self.mode} evaluation on {self.n} points, threat {self.threat} {self.eps:.4g}"]
+        lines = [f"{self.mode} evaluation on {self.describe_points()}, threat {self.threat} "
+                 f"{self.eps:.4g}"]  # fmt: skip
         lines += [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -158,7 +165,7 @@ class EvalResult:
     def markdown(self) -> str:
         head, body = self._cells()
         lines = [
-            f"{self.mode.capitalize()} evaluation on {self.n} points, threat "
+            f"{self.mode.capitalize()} evaluation on {self.describe_points()}, threat "
             f"{self.threat} ε = {self.eps:.4g}.",
             "",
             "| " + " | ".join(head) + " |",

@@ -12,6 +12,7 @@ from jeat.cli.common import (
     _out_base,
     attack_args,
     model_command,
+    points_phrase,
 )
 from jeat.errors import JeatError
 
@@ -49,7 +50,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
     adv_acc = 100 * float(((adv_pred == y) & (clean_pred == y)).float().mean())
     if meta.get("defences"):
         print(_defence_line(meta))
-    print(f"{spec.label} on {n} points: clean {clean_acc:.2f}%, under attack {adv_acc:.2f}%")
+    print(
+        f"{spec.label} on {points_phrase(data, n)}: clean {clean_acc:.2f}%, under attack "
+        f"{adv_acc:.2f}%"
+    )
     with atomic_write(out, "wb") as fh:
         np.savez_compressed(
             fh,

@@ -65,14 +65,34 @@ def _hold_outputs(args: argparse.Namespace, *paths: str | Path | None) -> None:
 
 
 def _run_data(
-    cfg_data, data_dir: str | None, download: bool, image_size: int | None = None
+    cfg_data,
+    data_dir: str | None,
+    download: bool,
+    image_size: int | None = None,
+    split: bool = True,
 ) -> ImageDataset:
     return load_dataset(
         cfg_data.name,
         root=data_dir or cfg_data.root,
         download=download or cfg_data.download,
         image_size=image_size if image_size is not None else cfg_data.image_size,
+        split=split,
     )
+
+
+def points_phrase(data: ImageDataset, n: int) -> str:
+    """How many images of how many a table attacks, and from which split: the first line of
+    ``jeat eval``'s table, e.g. ``360 of 360 images of npz:/d/test.npz, all of them (...)``."""
+    from jeat.userdata import WHOLE
+
+    name, total = data.info.name, len(data.x_test)
+    if data.split == WHOLE:
+        return f"{n} of {total} images of {name}, {WHOLE}"
+    if data.split.startswith("stratified"):
+        whole = len(data.x_train) + total
+        return f"{n} of {whole} images of {name}: the test share of a {data.split}"
+    where = f" ({data.split})" if data.split else ""
+    return f"{n} of {total} test images of {name}{where}"
 
 
 def _source(args: argparse.Namespace) -> str:
@@ -115,10 +135,14 @@ def _load_source(args: argparse.Namespace, source: str, dataset: str | None):
             )
         cfg = load_config(None)
         cfg.data.name = dataset
+        cfg.eval.n = None  # the whole test set, unless --n says otherwise
         _no_budgets(cfg)
     if args.image_size is not None:
         cfg.data.image_size = args.image_size
-    data = _run_data(cfg.data, args.data_dir, args.download)
+    # a model trained elsewhere is evaluated on every image of a user's folder:/npz: data
+    # unless the data has its own train/test split or --split asks for the seeded one
+    whole = loaded.config is None and not getattr(args, "split", False)
+    data = _run_data(cfg.data, args.data_dir, args.download, split=not whole)
     trained = loaded.meta.get("image_shape")
     if trained is not None and list(trained) != list(data.info.shape):
         fmt = "x".join
@@ -279,6 +303,13 @@ def attack_args(s: argparse.ArgumentParser, name: str) -> None:
         type=int,
         help="test points (0: all); under torchrun write --points (torchrun reads --n "
         "as an abbreviation of its own options)",
+    )
+    s.add_argument(
+        "--split",
+        action="store_true",
+        help="folder:/npz: data without its own train/test split: attack the test share of "
+        "the seeded stratified 80/20 split (default for a model that is not a jeat run: every "
+        "image)",
     )
     s.add_argument("--batch-size", type=int, default=256)
     default_seed = "from the run's seed" if name == "eval" else "0"

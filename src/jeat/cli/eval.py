@@ -18,6 +18,7 @@ from jeat.cli.common import (
     _out_base,
     attack_args,
     model_command,
+    points_phrase,
 )
 from jeat.distributed import from_env
 from jeat.errors import JeatError
@@ -76,6 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             cfg, model, data, attacks, args.mode, context, not args.quiet, seed, shards,
             args.order, trace=bool(args.diagnose or args.per_point),
         )  # fmt: skip
+        result.points = points_phrase(data, n)
     finally:
         if shards is not None:
             teardown(shards)
