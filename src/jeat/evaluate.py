@@ -152,6 +152,7 @@ def _run_stage(
     progress: bool,
     shards: DistContext | None = None,
     trace: LossTrace | None = None,
+    notes: list[str] | None = None,
 ) -> Tensor:
     """Attack the points ``idx``; return which of them stay correctly classified. With
     ``shards`` (a torchrun job), each process attacks every ``world_size``-th batch and the
@@ -186,6 +187,14 @@ def _run_stage(
             ):
                 torch.manual_seed(stage_seed)
                 x_adv = attack(model, xb, yb, generator=generator, check=False)
+                invalid = ~torch.isfinite(x_adv.detach()).flatten(1).all(1)
+                if bool(invalid.any()):  # e.g. a reference attack dividing by a zero gradient
+                    x_adv = torch.where(_rows(invalid, x_adv), xb, x_adv)
+                    if notes is not None:
+                        notes.append(
+                            f"{name} returned non-finite values for {int(invalid.sum())} "
+                            "points; they count as not broken by it"
+                        )
                 _check_output(name, threat, x_adv, xb)
                 ok[i : i + batch_size] = (_predict(model, x_adv) == yb).cpu()
             if trace is not None:
@@ -205,19 +214,49 @@ def _run_stage(
     return ok
 
 
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
 def traced_core(attack: Callable[..., Tensor]) -> tuple[PGD, int] | None:
     """The gradient attack (PGD) inside a stage, and how many runs it makes per point
     (restarts × target classes); None for attacks that record no loss trace."""
+    from jeat.attacks.substitute import LearnedBPDA
     from jeat.attacks.transfer import Transfer
 
     runs = 1
-    while isinstance(attack, (BPDA, Unroll, MultiTargeted, Transfer)):
+    while isinstance(attack, (BPDA, Unroll, MultiTargeted, Transfer, LearnedBPDA)):
         if isinstance(attack, MultiTargeted):
             runs *= attack.n_targets
         attack = attack.attack
     if isinstance(attack, PGD):
         return attack, runs * attack.restarts
     return None
+
+
+def _clean_row(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    shards: DistContext | None,
+) -> tuple[Tensor, dict[str, Tensor], list[AttackResult]]:
+    """The clean row: which points are classified correctly, their outcomes, the row."""
+    n = len(x)
+    start = time.perf_counter()
+    all_idx = torch.arange(n)
+    clean_ok = _run_stage(
+        model, "clean", identity_attack, None, x, y, all_idx, batch_size, seed, device, False,
+        shards,
+    )  # fmt: skip
+    ok = clean_ok.sum()
+    row = AttackResult(
+        "clean", "clean", "-", n, n, int((~clean_ok).sum()), pct(ok, n), pct(ok, n),
+        time.perf_counter() - start, "clean",
+    )  # fmt: skip
+    return clean_ok, {"clean": clean_ok.to(torch.int8)}, [row]
 
 
 def evaluate(
@@ -236,6 +275,7 @@ def evaluate(
     shards: DistContext | None = None,
     order: str = "cost",
     trace: bool = False,
+    prior: EvalResult | None = None,
 ) -> EvalResult:
     """Robust accuracy of ``model`` under each attack on the same points, and the worst case.
 
@@ -257,7 +297,16 @@ def evaluate(
     ``trace=True`` records the per-point loss trace of every gradient attack (PGD family,
     FGSM, their targeted, BPDA and transfer forms) into ``result.traces``: what
     :mod:`jeat.diagnose` reads.
+
+    ``prior`` (a table of the same points) extends that table instead of starting a new one:
+    its rows, outcomes and traces are kept, ``clean`` is not run again, and the attacks run in
+    cascade on the points that survived it, each a row of its own with its time (what
+    :func:`jeat.diagnose.fix` adds the remedies with). The attacks keep the given order.
     """
+    if prior is not None:
+        mode, order = "cascade", "given"
+        if prior.robust is None or prior.n != len(x) or "clean" not in prior.outcomes:
+            raise JeatError("a prior table must be a finished table of the same points")
     if mode not in ("cascade", "independent"):
         raise JeatError(f"unknown evaluation mode '{mode}'; use cascade or independent")
     check_images(x, "test images")
@@ -279,45 +328,27 @@ def evaluate(
         built = cascade_order(built)
 
     n = len(x)
-    start = time.perf_counter()
-    all_idx = torch.arange(n)
-    clean_ok = _run_stage(
-        model,
-        "clean",
-        identity_attack,
-        None,
-        x,
-        y,
-        all_idx,
-        batch_size,
-        seed,
-        device,
-        False,
-        shards,
-    )
-    outcomes = {"clean": clean_ok.to(torch.int8)}
-    rows = [
-        AttackResult(
-            "clean",
-            "clean",
-            "-",
-            n,
-            n,
-            int((~clean_ok).sum()),
-            pct(clean_ok.sum(), n),
-            pct(clean_ok.sum(), n),
-            time.perf_counter() - start,
-            "clean",
-        )
-    ]
-    robust = clean_ok.clone()
-    traces: dict[str, LossTrace] = {}
+    notes: list[str] = []
+    if prior is not None:
+        clean_ok = prior.outcomes["clean"] == 1
+        outcomes = dict(prior.outcomes)
+        rows = list(prior.rows)
+        robust = prior.robust.clone()  # type: ignore[union-attr]
+        traces: dict[str, LossTrace] = dict(prior.traces)
+    else:
+        clean_ok, outcomes, rows = _clean_row(model, x, y, batch_size, seed, device, shards)
+        robust = clean_ok.clone()
+        traces = {}
+    stage_specs: dict[str, AttackSpec] = dict(prior.specs) if prior is not None else {}
     for b in built:
         threat_text = b.threat.describe() if b.threat is not None else _describe_stage(b)
         group_ok = clean_ok.clone()
         # a row's own accuracy is known when its group attacked every clean-correct point
         own_known = mode == "independent" or bool(torch.equal(robust, clean_ok))
         for name, attack, category in b.stages:
+            while name in outcomes:  # a row of the prior table has this name
+                name = f"{name} (again)"
+            stage_specs[name] = b.spec
             base = robust if mode == "cascade" else group_ok
             idx = base.nonzero().squeeze(1)
             core = traced_core(attack) if trace else None
@@ -332,7 +363,7 @@ def evaluate(
             try:
                 ok = _run_stage(
                     model, name, attack, b.threat, x, y, idx, batch_size, seed, device, progress,
-                    shards, recorder,
+                    shards, recorder, notes,
                 )  # fmt: skip
             finally:
                 if core is not None:
@@ -370,9 +401,13 @@ def evaluate(
         outcomes=outcomes,
         labels=y.cpu(),
         traces=traces,
-        specs={name: b.spec for b in built for name, _, _ in b.stages},
+        specs=stage_specs,
     )
-    result.warnings = table_warnings(result, built, sanity_tolerance)
+    warnings = table_warnings(result, built, sanity_tolerance) + notes
+    if prior is not None:
+        result.points, result.point_notes = prior.points, list(prior.point_notes)
+        warnings = [*prior.warnings, *(w for w in warnings if w not in prior.warnings)]
+    result.warnings = warnings
     return result
 
 

@@ -86,6 +86,9 @@ class EvalContext:
     image_shape: tuple[int, ...] | None = None
     load_model: Callable[[str], nn.Module] | None = None
     sources: dict[str, nn.Module] = field(default_factory=dict)
+    # unlabelled images to fit surrogates on (``substitute``, ``bpda_module``): the training
+    # inputs and the table's points; None: the batch being attacked
+    inputs: Tensor | None = field(default=None, repr=False)
 
     def source(self, path: str) -> nn.Module:
         if path not in self.sources:
@@ -100,7 +103,8 @@ class EvalContext:
 
 
 _NAME = re.compile(
-    r"^(clean|fgsm|pgd|cw|dlr|square|autoattack-fast|autoattack|transfer|sgm|roa)(\d*)(-t)?$"
+    r"^(clean|fgsm|pgd|cw|dlr|square|autoattack-fast|autoattack|transfer|sgm|roa|substitute"
+    r"|hopskipjump)(\d*)(-t)?$"
 )
 _STEPPED = {"pgd": 20, "cw": 30, "dlr": 100}
 _COMMON = {"eps": None, "norm": None}
@@ -111,7 +115,9 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     # eot=K: average K forward-backward passes per step (randomised models);
     # log_outputs=1: attack the log of the outputs (a model that returns probabilities);
     # unroll=1: differentiate through every purifier's unrolled chain (its true gradient)
-    "fgsm": {"loss": "ce", "bpda": 0, "unroll": 0, "eot": 1, "log_outputs": 0},
+    # smooth=S: the expected gradient under N(0, S^2) input noise over `eot` copies (opaque
+    # models); bpda_module=NAME: that module differentiated through a learned approximation
+    "fgsm": {"loss": "ce", "bpda": 0, "unroll": 0, "eot": 1, "log_outputs": 0, "smooth": 0},
     # active=0: every step and restart on the whole batch (default 1: drop fooled points)
     "pgd": {
         "step_size": None,
@@ -123,10 +129,24 @@ _OPTIONS: dict[str, dict[str, Any]] = {
         "active": 1,
         "eot": 1,
         "log_outputs": 0,
+        "smooth": 0,
+        "bpda_module": None,
     },
     "square": {"n_queries": 5000, "p_init": 0.8, "restarts": 1},
     "autoattack": {"version": "standard", "n_queries": None, "components": None},
     "autoattack-fast": {},
+    # distilled from the model's outputs, attacked white-box, query-verified transfer
+    "substitute": {
+        "steps": 50,
+        "step_size": None,
+        "restarts": 3,
+        "epochs": 15,
+        "copies": 2,
+        "arch": "small_cnn",
+        "gamma": 1.0,
+    },
+    # decision-based: reads only the predicted class
+    "hopskipjump": {"n_queries": 1000, "init_evals": 100},
     # the SGM paper's attack: 10 sign steps of eps/8 from the clean image, on the source
     "transfer": {"source": None, "gamma": 1.0, "steps": 10, "step_size": None, "random_start": 0},
     "roa": {
@@ -157,6 +177,10 @@ _DESCRIPTIONS = {
     "transfer": "PGD crafted on a source model (source=RUN), evaluated on this one",
     "sgm": "transfer with the Skip Gradient Method (residual gradients x gamma) on a ResNet source",
     "roa": "rectangular occlusion attack: position search then PGD inside the rectangle",
+    "substitute": "a surrogate distilled from the model's outputs (Papernot et al. 2017), its "
+    "PGD examples transferred, each iterate checked on the model",
+    "hopskipjump": "HopSkipJump (Chen et al. 2020): decision-based, reads only the predicted "
+    "class; n_queries per point",
 }
 
 
@@ -189,7 +213,8 @@ def parse_attack(text: str) -> AttackSpec:
     if not m:
         raise JeatError(
             f"unknown attack '{head}'; known: clean, fgsm, pgdN, cwN, dlrN (add -t for "
-            "targeted), square, autoattack, autoattack-fast, transfer, sgm, roa"
+            "targeted), square, autoattack, autoattack-fast, transfer, sgm, roa, substitute, "
+            "hopskipjump"
         )
     kind, digits, targeted = m.group(1), m.group(2), bool(m.group(3))
     if (digits or targeted) and kind not in _STEPPED:
@@ -211,7 +236,8 @@ def parse_attack(text: str) -> AttackSpec:
         if key not in allowed:
             accepted = ", ".join(sorted(allowed)) or "none"
             raise JeatError(f"attack '{head}' has no option '{key}'; it takes {accepted}")
-        options[key] = value.strip() if key in ("source", "components") else parse_value(value)
+        text_keys = ("source", "components", "arch", "bpda_module")
+        options[key] = value.strip() if key in text_keys else parse_value(value)
     return AttackSpec(text.strip(), kind, steps, targeted, options)
 
 
@@ -265,14 +291,29 @@ def _step_size(o: dict, label: str, th: ThreatModel, context: EvalContext) -> fl
 
 
 def _adaptive(
-    attack: Callable[..., Tensor], family: str, o: dict[str, Any], label: str
+    attack: Callable[..., Tensor],
+    family: str,
+    o: dict[str, Any],
+    label: str,
+    context: EvalContext | None = None,
 ) -> tuple[Callable[..., Tensor], str]:
     """``attack`` with the adaptive switches its options ask for (``unroll``, then ``bpda``:
-    purifiers unroll, every other masked layer gets BPDA's backward), and its loss family."""
+    purifiers unroll, every other masked layer gets BPDA's backward; ``bpda_module``: that
+    module differentiated through a learned approximation), and its loss family."""
     if _switch(o, "unroll", label):
         attack, family = Unroll(attack), f"{family}-unroll"
     if _switch(o, "bpda", label):
         attack, family = BPDA(attack), f"{family}-bpda"
+    module = o.get("bpda_module")
+    if module:
+        from jeat.attacks.substitute import LearnedBPDA
+
+        seed = context.seed if context is not None else 0
+        inputs = context.inputs if context is not None else None
+        attack = LearnedBPDA(attack, str(module), inputs=inputs, seed=seed)
+        family = f"{family}-learned"
+    if float(o.get("smooth") or 0) > 0:
+        family = f"{family}-smooth"
     return attack, family
 
 
@@ -287,7 +328,8 @@ def build_attack(spec: AttackSpec, threat: ThreatModel, context: EvalContext) ->
         fgsm = FGSM(th, loss=str(o["loss"]))
         fgsm.eot = _number(o, "eot", label, 1, integer=True)
         fgsm.log_outputs = _switch(o, "log_outputs", label)
-        stage, family = _adaptive(fgsm, fgsm.loss, o, label)
+        fgsm.smooth = _number(o, "smooth", label, 0) or 0.0
+        stage, family = _adaptive(fgsm, fgsm.loss, o, label, context)
         return BuiltAttack(spec, th, [(label, stage, "white-box")], steps=1, loss=family)
     if spec.kind in _STEPPED:
         loss = "ce" if spec.kind == "pgd" else spec.kind
@@ -302,13 +344,42 @@ def build_attack(spec: AttackSpec, threat: ThreatModel, context: EvalContext) ->
             active_set=_switch(o, "active", label),
             eot=_number(o, "eot", label, 1, integer=True),
             log_outputs=_switch(o, "log_outputs", label),
+            smooth=_number(o, "smooth", label, 0) or 0.0,
         )
         attack: Callable[..., Tensor] = pgd
         if spec.targeted:
             attack = MultiTargeted(pgd, _number(o, "targets", label, 1, integer=True))
         family = f"{loss}-targeted" if spec.targeted else loss
-        attack, family = _adaptive(attack, family, o, label)
+        attack, family = _adaptive(attack, family, o, label, context)
         return BuiltAttack(spec, th, [(label, attack, "white-box")], steps=spec.steps, loss=family)
+    if spec.kind == "substitute":
+        from jeat.attacks.substitute import ARCHS, Substitute
+
+        if str(o["arch"]) not in ARCHS:
+            raise JeatError(f"{label}: option arch must be one of {', '.join(ARCHS)}")
+        step_size = _step_size(o, label, th, context)
+        sub = Substitute(
+            th,
+            steps=_number(o, "steps", label, 1, integer=True),
+            step_size=step_size,
+            restarts=_number(o, "restarts", label, 1, integer=True),
+            epochs=_number(o, "epochs", label, 1, integer=True),
+            copies=_number(o, "copies", label, 0, integer=True),
+            arch=str(o["arch"]),
+            gamma=_number(o, "gamma", label),
+            seed=context.seed,
+            inputs=context.inputs,
+        )
+        return BuiltAttack(spec, th, [(label, sub, "transfer")])
+    if spec.kind == "hopskipjump":
+        from jeat.attacks.decision import HopSkipJump
+
+        hsj = HopSkipJump(
+            th,
+            n_queries=_number(o, "n_queries", label, 1, integer=True),
+            init_evals=_number(o, "init_evals", label, 1, integer=True),
+        )
+        return BuiltAttack(spec, th, [(label, hsj, "black-box")])
     if spec.kind == "square":
         from jeat.attacks.external import Square
 
@@ -415,6 +486,10 @@ def attack_cost(spec: AttackSpec) -> float:
         names = comps.split("+") if comps else ["apgd-ce", "apgd-t", "fab-t", "square"]
         per = {"apgd-ce": 100.0, "apgd-t": 900.0, "fab-t": 900.0, "square": 5000 / 3}
         return sum(per.get(c.strip(), 100.0) for c in names)
+    if spec.kind == "substitute":
+        return 200.0 + float(o.get("steps") or 50) * int(o.get("restarts") or 3) / 3
+    if spec.kind == "hopskipjump":
+        return int(o.get("n_queries") or 1000) / 3
     return float(o.get("steps") or 20)
 
 

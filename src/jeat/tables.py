@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from jeat.specs import AttackSpec, BuiltAttack
@@ -103,6 +104,46 @@ class EvalResult:
             notes = [self.point_notes[i]] if self.point_notes else []
             writer.writerow([i, labels[i], broken[i], int(robust[i]), *cells, *notes])
         return buf.getvalue()
+
+    def add_found(
+        self,
+        name: str,
+        category: str,
+        threat: str,
+        attacked: Tensor,
+        broken: Tensor,
+        seconds: float = 0.0,
+    ) -> None:
+        """Append a row for points broken outside this table (a diagnosis probe): ``attacked``
+        and ``broken`` are bool masks over the table's points; a point counts only while it
+        is still robust, so the worst case can only fall."""
+        assert self.robust is not None
+        while name in self.outcomes:
+            name = f"{name} (again)"
+        attacked = attacked.cpu() & self.robust
+        broken = broken.cpu() & attacked
+        outcome = torch.full((self.n,), -1, dtype=torch.int8)
+        outcome[attacked] = 1
+        outcome[broken] = 0
+        self.outcomes[name] = outcome
+        self.robust = self.robust & ~broken
+        n = self.n
+        after = 100.0 * float(self.robust.sum()) / max(1, n)
+        self.rows.append(
+            AttackResult(
+                name,
+                category,
+                threat,
+                n,
+                int(attacked.sum()),
+                int(broken.sum()),
+                None,
+                after,
+                seconds,
+                name,
+            )  # fmt: skip
+        )
+        self.robust_accuracy = after
 
     def describe_points(self) -> str:
         return self.points or f"{self.n} points"

@@ -42,6 +42,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise JeatError("--fix runs the remedies of a diagnosis: add --diagnose")
     if args.indicators and not args.diagnose:
         raise JeatError("--indicators chooses what --diagnose computes: add --diagnose")
+    if args.bpda_module and not args.diagnose:
+        raise JeatError("--bpda-module names a module for the remedies of --diagnose: add it")
     if args.remedies and not args.fix:
         raise JeatError("--remedies chooses what --fix runs: add --fix")
     indicators = parse_names(args.indicators, INDICATORS, "indicator") if args.diagnose else None
@@ -117,8 +119,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     extra_md = ""
     if args.diagnose:
         extra_md = _diagnose_and_fix(
-            args, model, x, y, result, threat, cfg, seed, context, indicators, remedies, payload
-        )
+            args, model, x, y, result, threat, cfg, seed, context, indicators, remedies, payload,
+            data.x_train,
+        )  # fmt: skip
     if args.curve:
         assert curve_eps is not None
         curve = robustness_curve(
@@ -178,22 +181,34 @@ def _diagnose_and_fix(
     indicators: list[str] | None,
     remedies: list[str] | None,
     payload: dict,
+    inputs: Tensor | None = None,
 ) -> str:
     """``jeat eval --diagnose [--fix]``: print the diagnosis (and the remedied table), add them
     to the JSON payload; return their Markdown."""
-    from jeat.diagnose import INDICATORS, diagnose, fix
+    from jeat.diagnose import INDICATORS, diagnose, fix, remedy_costs
 
     attacks = [r.group for r in result.rows if r.group and r.category != "clean"]
     attacks = list(dict.fromkeys(["clean", *attacks]))
     common = {"batch_size": cfg.eval.batch_size, "seed": seed, "mode": result.mode,
               "context": context, "progress": not args.quiet}  # fmt: skip
-    _, dg = diagnose(model, x, y, attacks, threat, indicators=indicators, result=result, **common)
+    rows_before = len(result.rows)
+    _, dg = diagnose(
+        model, x, y, attacks, threat, indicators=indicators, result=result,
+        bpda_module=args.bpda_module, **common,
+    )  # fmt: skip
     print(dg.table())
     payload["diagnosis"] = dg.to_dict()
     md = "\nDiagnosis of the attacks:\n\n" + dg.markdown()
+    if len(result.rows) > rows_before:  # the probes broke points: they count
+        print("the table with the probes' points (every point a probe broke counts as broken):")
+        print(result.table())
+        payload.update({k: v for k, v in result.to_dict().items() if k != "points"})
+        md += "\nThe table with the probes' points:\n\n" + result.markdown()
     if not args.fix:
         return md
-    fixed, extra = fix(model, x, y, attacks, threat, dg, result, remedies=remedies, **common)
+    fixed, extra = fix(
+        model, x, y, attacks, threat, dg, result, remedies=remedies, inputs=inputs, **common
+    )
     if not extra:
         print("--fix: no indicator was raised, so there is no remedy to run")
         payload["fix"] = {"attacks": [], "robust_accuracy": result.robust_accuracy}
@@ -201,12 +216,17 @@ def _diagnose_and_fix(
     point = [i for i, ind in INDICATORS.items() if ind.scope == "point" and i != "bad-init"]
     _, after = diagnose(model, x, y, attacks, threat, indicators=point, result=fixed, **common)
     after.rows = [r for r in after.rows if r.attack.split("/")[0] in extra]
+    costs = remedy_costs(fixed, extra)
     print(f"after the remedies (added: {', '.join(extra)}):")
     print(fixed.table())
+    print("cost of each remedy: " + "; ".join(
+        f"{c.attack} {c.seconds:.1f} s (attacked {c.attacked}, broke {c.broken})" for c in costs
+    ))  # fmt: skip
     print(after.table())
     payload["fix"] = {
         "attacks": extra,
         "robust_accuracy": fixed.robust_accuracy,
+        "costs": [vars(c) for c in costs],
         "table": fixed.to_dict(),
         "diagnosis": after.to_dict(),
     }
@@ -260,6 +280,12 @@ def add_parser(sub) -> None:
         help="with --diagnose: run the remedies of the raised indicators and print the table again",
     )
     s.add_argument("--remedies", metavar="LIST", help="with --fix: run these remedies instead")
+    s.add_argument(
+        "--bpda-module",
+        metavar="NAME",
+        help="with --diagnose: the module of your model whose step is not differentiable "
+        "(e.g. pre, or net.pre); --fix attacks through a learned approximation of it (BPDA)",
+    )
     s.add_argument("--sanity", action="store_true", help="run the gradient-masking checks")
     s.add_argument("--sanity-attack", default="pgd20")
     s.add_argument("--sanity-black-box", default="square:n_queries=1000")
