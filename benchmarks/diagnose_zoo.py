@@ -276,7 +276,7 @@ def write_table(results: dict[str, Any], out: Path) -> None:
             honest.append([
                 name, f"{r['worst']:.1f}", ", ".join(r["raised"]) or "none",
                 ", ".join(r["fix_attacks"]) or "none", f"{r['seconds']['table']:.1f}",
-                f"{r['seconds']['diagnose']:.1f}", f"{100 * r['diagnose_over_table']:.0f}%",
+                f"{r['seconds']['diagnose']:.1f}", f"{100 * r['diagnose_over_table']:.1f}%",
             ])  # fmt: skip
     machines = sorted({r.get("machine", "?") for r in results["rows"].values()})
     text = (
