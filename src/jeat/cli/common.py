@@ -87,6 +87,11 @@ def points_phrase(data: ImageDataset, n: int) -> str:
 
     name, total = data.info.name, len(data.x_test)
     if data.split == WHOLE:
+        if n < total:
+            return (
+                f"{n} of {total} images of {name}: the first {n} (--n); the data has no "
+                "train/test split of its own"
+            )
         return f"{n} of {total} images of {name}, {WHOLE}"
     if data.split.startswith("stratified"):
         whole = len(data.x_train) + total
