@@ -26,7 +26,12 @@ def test_diagnose_and_fix_a_too_weak_attack_from_the_command_line(tmp_path, stan
     assert ev["fix"]["attacks"][0].startswith("pgd100")
     assert "step_size" not in ev["fix"]["attacks"][0]  # the default step, not 0.001
     # a standard model: the remedy breaks (nearly) everything the weak attack left
-    assert ev["robust_accuracy"] > 80 and ev["fix"]["robust_accuracy"] < 5
+    weak_row = next(r for r in ev["attacks"] if r["attack"] == "pgd2:step_size=0.001")
+    assert weak_row["robust_after"] > 80 and ev["fix"]["robust_accuracy"] < 5
+    # what the diagnosis' probes broke counts: the headline is never above a probe's figure
+    assert ev["robust_accuracy"] <= min(r["robust_after"] for r in ev["attacks"])
+    assert ev["fix"]["robust_accuracy"] <= ev["robust_accuracy"]
+    assert [c["attack"] for c in ev["fix"]["costs"]] == ev["fix"]["attacks"]
     rows = list(csv.DictReader(per_point.open()))
     assert len(rows) == 120
     robust = [r for r in rows if r["robust"] == "1"]

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from jeat.errors import WRITE_ERRNOS, JeatError, environment_failure
-from jeat.userdata import fingerprint, parse_source, read_user_data, short_name
+from jeat.userdata import WHOLE, fingerprint, parse_source, read_user_data, short_name
 
 __all__ = [
     "DatasetInfo",
@@ -154,6 +154,9 @@ class ImageDataset:
     # a validation split held out from the training images (:func:`split_validation`)
     x_val: torch.Tensor | None = field(default=None, repr=False)
     y_val: torch.Tensor | None = field(default=None, repr=False)
+    # how a user's folder:/npz: data gave its test images (jeat.userdata: its own split, a
+    # seeded stratified split, or all of them); "" for the built-in datasets
+    split: str = ""
 
     def __repr__(self) -> str:
         val = f", val={len(self.x_val)}" if self.x_val is not None else ""
@@ -291,16 +294,19 @@ def load_dataset(
     root: str | os.PathLike | None = None,
     download: bool = False,
     image_size: int | None = None,
+    split: bool = True,
 ) -> ImageDataset:
     """Load dataset ``name`` from ``root`` (default: :func:`default_data_dir`) as tensors.
 
     With ``download=True`` missing files are fetched from the canonical sources and verified.
     ``folder:PATH`` and ``npz:PATH`` read the user's images (``root`` and ``download`` do not
-    apply); ``image_size=N`` resizes them to N x N.
+    apply); ``image_size=N`` resizes them to N x N. ``split=False`` keeps such data whole
+    when it has no train/test split of its own: every image is a test image (see
+    :func:`jeat.userdata.read_user_data`); the built-in datasets ignore it.
     """
     user = parse_source(name)
     if user is not None:
-        return _load_user(*user, image_size)
+        return _load_user(*user, image_size, split)
     info = dataset_info(name, image_size)
     loader = _REGISTRY[info.name][1]
     root_path = Path(root).expanduser() if root is not None else None
@@ -319,14 +325,14 @@ def load_dataset(
 _USER_CACHE: dict[tuple, ImageDataset] = {}
 
 
-def _load_user(kind: str, path: Path, image_size: int | None) -> ImageDataset:
+def _load_user(kind: str, path: Path, image_size: int | None, split: bool = True) -> ImageDataset:
     """A ``folder:`` / ``npz:`` dataset, read once per process while its files are unchanged.
     Budgets: ε = 8/255 (L∞) and 0.5 (L2), the CIFAR-10 convention, and no augmentation (a flip
     or shift is not label-preserving for every dataset); override them in the config."""
-    key = (kind, str(path), image_size, fingerprint(kind, path))
+    key = (kind, str(path), image_size, split, fingerprint(kind, path))
     if key in _USER_CACHE:
         return _USER_CACHE[key]
-    raw = read_user_data(kind, path, image_size)
+    raw = read_user_data(kind, path, image_size, split)
     x_tr = torch.from_numpy(raw.x_train)
     x_tr = x_tr.float().div_(255.0) if x_tr.dtype == torch.uint8 else x_tr.float()
     dims = [0, 2, 3]
@@ -341,7 +347,9 @@ def _load_user(kind: str, path: Path, image_size: int | None) -> ImageDataset:
         augment="none",
         description=(
             f"{'image folder' if kind == 'folder' else 'arrays'} {path} "
-            f"({len(raw.y_train)} train / {len(raw.y_test)} test: {raw.split})"
+            f"({len(raw.y_test)} images, {raw.split})"
+            if raw.split == WHOLE
+            else f"({len(raw.y_train)} train / {len(raw.y_test)} test: {raw.split})"
         ),
         class_names=raw.class_names,
     )
@@ -351,6 +359,7 @@ def _load_user(kind: str, path: Path, image_size: int | None) -> ImageDataset:
         _to_labels(raw.y_train, info),
         _to_images(raw.x_test, info),
         _to_labels(raw.y_test, info),
+        split=raw.split,
     )
     if len(_USER_CACHE) >= 4:
         _USER_CACHE.pop(next(iter(_USER_CACHE)))

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,10 @@ __all__ = [
     "model_checks",
     "diagnose",
     "remedy_attacks",
+    "remedy_costs",
+    "RemedyCost",
+    "Probe",
+    "smoothing_sigma",
     "fix",
 ]
 
@@ -149,7 +154,14 @@ _LIST = [
         "square-beats-white-box",
         "model",
         "Square broke > 0.2% of the points every white-box attack left (AutoAttack's check)",
-        ("unroll", "bpda", "eot"),
+        ("unroll", "bpda", "eot", "square-full"),
+    ),
+    Indicator(
+        "no-score",
+        "model",
+        "the outputs carry no usable score: identical under small input noise unless the "
+        "predicted class changes (hard labels, votes, a saturated softmax)",
+        ("decision", "substitute"),
     ),
     Indicator(
         "dynamic",
@@ -170,7 +182,20 @@ REMEDIES: dict[str, str] = {
     "bpda": "differentiate non-differentiable layers and preprocessing as identity/ReLU (BPDA)",
     "aa-rand": "AutoAttack's rand version (APGD-CE and APGD-DLR, EOT over 20 passes)",
     "log-outputs": "attack the logarithm of the outputs: logits up to a constant",
+    "smooth": "gradient smoothing: the expected gradient under Gaussian input noise of a sigma "
+    "read from the loss's scale (smooth=SIGMA, eot=20; a zeroth-order estimate where autograd "
+    "gives none), for an opaque model whose masking step jeat cannot see",
+    "square-full": "Square at AutoAttack's full budget (5,000 queries; L2 Square for L2) on the "
+    "surviving points",
+    "substitute": "a surrogate distilled from the model's own outputs on the training and test "
+    "inputs (Papernot et al. 2017), attacked white-box, its examples transferred",
+    "decision": "HopSkipJump (Chen et al. 2020), decision-based: reads only the predicted class "
+    "(1,000 queries per point)",
+    "learned-bpda": "BPDA through a learned differentiable approximation of the module named "
+    "with --bpda-module",
 }
+# what replaces BPDA on an opaque model (no layer jeat's BPDA or unrolling can switch)
+OPAQUE_REMEDIES = ("smooth", "square-full", "substitute")
 
 # per-point thresholds (see the module notes)
 INCOMPLETE_ANGLE = 30.0  # degrees
@@ -179,6 +204,9 @@ ZERO_GRAD_SHARE = 0.5
 EOT_SAMPLES = 20
 SQUARE_MARGIN = 0.2  # percent of the table (AutoAttack's alpha), and at least two points
 SQUARE_QUERIES = 500  # the Square probe's budget, when the table has no Square row
+SQUARE_FULL = 5000  # the black-box escalation: AutoAttack's full Square budget
+SQUARE_FIRST = 12  # the Square probe's first stage (points); more only if it breaks two
+NO_SCORE_SHARE = 50.0  # percent of points whose outputs ignore small noise: no-score
 
 
 def parse_names(text: str | list[str] | None, known: dict[str, Any], what: str) -> list[str]:
@@ -221,6 +249,10 @@ class Diagnosis:
     points: dict[str, Tensor] = field(default_factory=dict, repr=False)  # name -> bool (n,)
     probe: dict[str, Any] = field(default_factory=dict)
     unrollable: bool = False  # the model has a purifier that ``unroll`` differentiates through
+    # no module that jeat's BPDA or unrolling switches: BPDA would change nothing
+    opaque: bool = False
+    bpda_module: str | None = None  # the user's named module (--bpda-module)
+    sigma: float | None = None  # the smoothing scale read from the loss (opaque models)
 
     def raised(self) -> list[str]:
         names = {n for r in self.rows for n in r.raised} | {c.name for c in self.checks if c.raised}
@@ -237,7 +269,17 @@ class Diagnosis:
         skip = {"eot"} if self.deterministic() else set()
         if not self.unrollable:
             skip.add("unroll")
-        return [r for r in remedies if r not in skip]
+        out: list[str] = []
+        for r in remedies:
+            if r in skip:
+                continue
+            if r == "bpda":
+                learned = ["learned-bpda"] if self.bpda_module else []
+                expanded = [*learned, *OPAQUE_REMEDIES] if self.opaque else ["bpda", *learned]
+            else:
+                expanded = [r]
+            out += [e for e in expanded if e not in out]
+        return out
 
     def remedies(self) -> list[str]:
         """The applicable remedies of the raised indicators, in the order of the indicators."""
@@ -275,6 +317,9 @@ class Diagnosis:
             "remedies": self.remedies(),
             "probe": self.probe,
             "unrollable": self.unrollable,
+            "opaque": self.opaque,
+            "bpda_module": self.bpda_module,
+            "sigma": self.sigma,
         }
 
     def _lines(self) -> list[tuple[str, str, str, str]]:
@@ -423,11 +468,13 @@ def model_checks(
     square_probe: int = 256,
     seed: int = 0,
     batch_size: int = 256,
+    probes: list[Probe] | None = None,
+    square: bool = True,
 ) -> list[ModelCheck]:
     """AutoAttack's checks of the model (reference ``pyautoattack.checks``) on up to 250
     clean points, and its Square check on the table (or, when the table has no Square row,
     on a Square probe of ``SQUARE_QUERIES`` queries on up to ``square_probe`` surviving
-    points)."""
+    points; its points go to ``probes``); then jeat's ``no-score`` check."""
     checks = _reference_checks()
     device = model_device(model)
     xs, ys = x[:250].to(device), y[:250].to(device)
@@ -464,8 +511,81 @@ def model_checks(
             checks.funcs[k] = 0
         msg = _flagged(checks.check_dynamic, model, xs[:8], False)
         out.append(ModelCheck("dynamic", msg is not None, msg or "no autograd call in forward"))
-    out.append(_square_check(model, x, y, result, threat, square_probe, seed, batch_size))
+        out.append(_no_score(model, xs, ys, threat, seed))
+    if square:
+        check = _square_check(model, x, y, result, threat, square_probe, seed, batch_size, probes)
+        out.append(check)
     return out
+
+
+@dataclass
+class Probe:
+    """Points a probe of the diagnosis attacked and broke (bool masks over the table's
+    points): they count as broken in the table (:meth:`jeat.tables.EvalResult.add_found`)."""
+
+    attack: str
+    category: str
+    attacked: Tensor
+    broken: Tensor
+    seconds: float
+
+
+def _no_score(
+    model: nn.Module, xs: Tensor, ys: Tensor, threat: ThreatModel, seed: int
+) -> ModelCheck:
+    """Whether the outputs carry a score: on two random points of the ball of radius eps/4
+    around each clean point, are the outputs identical wherever the predicted class stays?
+    Raised when more than ``NO_SCORE_SHARE`` percent of the points answer so (hard labels,
+    votes, a softmax saturated to one-hot): score-based attacks then see a flat loss."""
+    gen = torch.Generator(device=xs.device).manual_seed(seed + 17)
+    small = threat.with_eps(threat.eps / 4)
+    with torch.no_grad():
+        base = logits_of(model, xs).float()
+        flat = torch.ones(len(xs), dtype=torch.bool, device=xs.device)
+        for _ in range(2):
+            out = logits_of(model, small.random_init(xs, gen)).float()
+            same_class = out.argmax(1) == base.argmax(1)
+            flat &= ~same_class | (out == base).all(1)
+    share = 100.0 * float(flat.float().mean()) if len(xs) else 0.0
+    return ModelCheck(
+        "no-score",
+        share > NO_SCORE_SHARE,
+        f"{share:.0f}% of {len(xs)} clean points keep identical outputs under noise of eps/4",
+    )
+
+
+def smoothing_sigma(
+    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, seed: int = 0
+) -> float:
+    """The noise scale of gradient smoothing, read from the loss curve's scale: along 4
+    random directions per point (signs for L-inf, unit Gaussians for L2), the cross-entropy's
+    median change at radii eps/16 ... eps; sigma is the smallest radius whose change reaches a
+    quarter of the change at eps (the distance over which the loss moves, flat shattered
+    steps included), kept in [eps/8, eps/2], per pixel (an L2 radius divided by sqrt(d))."""
+    eps = threat.eps
+    if eps <= 0 or len(x) == 0:
+        return 0.0
+    gen = torch.Generator(device=x.device).manual_seed(seed + 29)
+    radii = [eps * f for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)]
+    xr, yr = x.repeat(4, 1, 1, 1), y.repeat(4)
+    if threat.norm == "linf":
+        u = torch.randint(0, 2, xr.shape, generator=gen, device=x.device).to(x.dtype) * 2 - 1
+    else:
+        u = torch.randn(xr.shape, generator=gen, device=x.device, dtype=x.dtype)
+        u = u / u.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+    with torch.no_grad():
+        base = cross_entropy_from_logits(logits_of(model, xr).float(), yr, check=False)
+        change = []
+        for r in radii:
+            moved = logits_of(model, (xr + r * u).clamp(0.0, 1.0)).float()
+            loss = cross_entropy_from_logits(moved, yr, check=False)
+            change.append(float((loss - base).abs().median()))
+    target = 0.25 * change[-1]
+    radius = next((r for r, c in zip(radii, change, strict=True) if c >= target and c > 0), eps)
+    radius = min(max(radius, eps / 8), eps / 2)
+    if threat.norm == "l2":
+        radius /= math.sqrt(x[0].numel())
+    return float(radius)
 
 
 def _square_check(
@@ -477,6 +597,7 @@ def _square_check(
     probe: int,
     seed: int,
     batch_size: int,
+    probes: list[Probe] | None = None,
 ) -> ModelCheck:
     n = max(1, result.n)
     rows = [r for r in result.rows if r.category == "black-box" and "square" in r.attack]
@@ -492,9 +613,22 @@ def _square_check(
     if result.robust is None or not white:
         return ModelCheck("square-beats-white-box", False, "no white-box row to compare with")
     probe_attack = f"square:n_queries={SQUARE_QUERIES}"
-    idx, hit = _probe(model, x, y, result.robust, probe_attack, threat, probe, seed, batch_size)
+    t0 = time.perf_counter()
+    # two stages: SQUARE_FIRST survivors, and the rest (up to ``probe``) only when Square
+    # broke at least two of them; an honest model pays for the first stage alone
+    first = min(SQUARE_FIRST, probe)
+    idx, hit = _probe(model, x, y, result.robust, probe_attack, threat, first, seed, batch_size)
+    if int(hit.sum()) >= 2 and probe > first:
+        rest = result.robust.clone()
+        rest[idx] = False
+        idx2, hit2 = _probe(
+            model, x, y, rest, probe_attack, threat, probe - first, seed + 3, batch_size
+        )
+        idx, hit = torch.cat([idx, idx2]), torch.cat([hit, hit2])
     if len(idx) == 0:
         return ModelCheck("square-beats-white-box", False, "no point survived the table")
+    if probes is not None:
+        probes.append(_as_probe(f"{probe_attack} (probe)", "black-box", idx, hit, result.n, t0))
     broken = int(hit.sum())
     pct = 100.0 * broken / n
     return ModelCheck(
@@ -528,6 +662,7 @@ def _bad_init_probe(
     probe: int,
     seed: int,
     batch_size: int,
+    probes: list[Probe] | None = None,
 ) -> tuple[str | None, Tensor, int]:
     """Rerun the strongest PGD row with 3 restarts on up to ``probe`` surviving points: which
     of them break (bool over all points) and how many were probed."""
@@ -542,9 +677,20 @@ def _bad_init_probe(
     head, *opts = spec.label.split(":")
     opts = [o for o in opts if o.partition("=")[0].strip() != "restarts"]
     label = ":".join([head, *opts, "restarts=3"])
+    t0 = time.perf_counter()
     idx, hit = _probe(model, x, y, result.robust, label, threat, probe, seed + 1, batch_size)
     broken[idx] = hit
+    if probes is not None and len(idx):
+        probes.append(_as_probe(f"{label} (probe)", "white-box", idx, hit, n, t0))
     return name, broken, len(idx)
+
+
+def _as_probe(name: str, category: str, idx: Tensor, hit: Tensor, n: int, started: float) -> Probe:
+    attacked = torch.zeros(n, dtype=torch.bool)
+    broken = torch.zeros(n, dtype=torch.bool)
+    attacked[idx] = True
+    broken[idx[hit]] = True
+    return Probe(name, category, attacked, broken, time.perf_counter() - started)
 
 
 def _probe(
@@ -579,7 +725,7 @@ def diagnose(
     *,
     indicators: str | list[str] | None = None,
     threshold: float = 20.0,
-    probe: int = 128,
+    probe: int = 64,
     batch_size: int = 256,
     seed: int = 0,
     mode: str = "cascade",
@@ -590,12 +736,17 @@ def diagnose(
     shards: DistContext | None = None,
     order: str = "cost",
     result: EvalResult | None = None,
+    bpda_module: str | None = None,
 ) -> tuple[EvalResult, Diagnosis]:
     """Evaluate with loss traces, then read the indicators of attack failure and run
     AutoAttack's checks. ``indicators`` limits what is computed (default: all); a per-point
     indicator is raised when more than ``threshold`` percent of the points it is read on
     show it. ``probe`` caps the surviving points of the bad-initialisation and Square probes.
-    Returns the table (with ``point_notes`` filled) and the :class:`Diagnosis`."""
+    ``bpda_module`` names a module of the model for the remedy ``learned-bpda``.
+
+    Returns the table and the :class:`Diagnosis`. Every point a probe broke counts as broken
+    in the table: each probe is a row of it (``... (probe)``), so its worst case is never
+    above what a probe showed; ``point_notes`` holds each point's indicators."""
     wanted = parse_names(indicators, INDICATORS, "indicator")
     if not math.isfinite(threshold) or not 0 <= threshold <= 100:
         raise JeatError(f"the indicator threshold is a percentage in [0, 100], got {threshold}")
@@ -642,9 +793,10 @@ def diagnose(
             points[ind] = points.get(ind, torch.zeros(n, dtype=torch.bool)) | f
         rows.append(RowDiagnosis(name, int(considered.sum()), shares, raised))
     probe_info: dict[str, Any] = {}
+    probes: list[Probe] = []
     if "bad-init" in wanted:
         pname, broken, probed = _bad_init_probe(
-            model, x, y, result, threat, probe, seed, batch_size
+            model, x, y, result, threat, probe, seed, batch_size, probes
         )
         if pname is not None and probed:
             share = 100.0 * int(broken.sum()) / probed
@@ -670,12 +822,30 @@ def diagnose(
                 square_probe=2 * probe,
                 seed=seed,
                 batch_size=batch_size,
+                probes=probes,
+                square="square-beats-white-box" in model_level,
             )  # fmt: skip
             if c.name in model_level
         ]
-    diagnosis = Diagnosis(
-        rows, checks, float(threshold), points, probe_info, unrollable=has_unrollable(model)
+    opaque = not any(
+        getattr(m, "bpda_capable", False) or getattr(m, "unrollable", False)
+        for m in model.modules()
     )
+    diagnosis = Diagnosis(
+        rows, checks, float(threshold), points, probe_info, unrollable=has_unrollable(model),
+        opaque=opaque, bpda_module=bpda_module,
+    )  # fmt: skip
+    for pr in probes:  # what a probe broke is broken: the table's worst case includes it
+        describe = threat.describe()
+        result.add_found(pr.attack, pr.category, describe, pr.attacked, pr.broken, pr.seconds)
+    if opaque and "smooth" in diagnosis.remedies():
+        survivors = result.robust.nonzero().squeeze(1)[:probe] if result.robust is not None else []
+        device = model_device(model)
+        if len(survivors):
+            with model_mode(model, True):
+                diagnosis.sigma = smoothing_sigma(
+                    model, x[survivors].to(device), y[survivors].to(device), threat, seed
+                )
     result.point_notes = diagnosis.notes(n)
     return result, diagnosis
 
@@ -689,11 +859,19 @@ def _option_text(value: Any) -> str:
     return str(value)
 
 
-def remedy_attacks(result: EvalResult, remedies: list[str], threat: ThreatModel) -> list[str]:
-    """The attacks that apply ``remedies``: the table's strongest traced PGD row (else
-    ``pgd20``) with every remedy applied, then AutoAttack's rand version for ``aa-rand``, or
-    else ``autoattack-fast`` when the table has no AutoAttack row: a fixed table always ends
-    with the strongest attack we have."""
+def remedy_attacks(
+    result: EvalResult,
+    remedies: list[str],
+    threat: ThreatModel,
+    diagnosis: Diagnosis | None = None,
+) -> list[str]:
+    """The attacks that apply ``remedies``, cheapest first: the table's strongest traced PGD
+    row (else ``pgd20``) with every gradient remedy applied (more steps, a default step,
+    restarts, EOT, unrolling, BPDA, log outputs, gradient smoothing); the same PGD through the
+    learned approximation of the named module (``learned-bpda``); the distilled substitute;
+    AutoAttack's rand version for ``aa-rand``, or else ``autoattack-fast`` when the table has
+    no AutoAttack row (a fixed table always ends with the strongest attack we have); Square at
+    its full budget; HopSkipJump (``decision``)."""
     base = _strongest_pgd(result)
     spec: AttackSpec = result.specs[base] if base is not None else parse_attacks("pgd20")[0]
     steps = spec.steps or 20
@@ -714,14 +892,41 @@ def remedy_attacks(result: EvalResult, remedies: list[str], threat: ThreatModel)
         options["bpda"] = 1
     if "log-outputs" in remedies:
         options["log_outputs"] = 1
+    learned = dict(options)
+    sigma = diagnosis.sigma if diagnosis is not None else None
+    if "smooth" in remedies:
+        options["smooth"] = sigma if sigma else threat.eps / 4
+        options["eot"] = max(int(options.get("eot") or 1), EOT_SAMPLES)
+        steps = max(steps, 50)
     head = f"{spec.kind}{steps}{'-t' if spec.targeted else ''}"
-    label = ":".join([head, *(f"{k}={_option_text(v)}" for k, v in options.items())])
-    out = [label]
+    out = [":".join([head, *(f"{k}={_option_text(v)}" for k, v in options.items())])]
+    if "learned-bpda" in remedies and diagnosis is not None and diagnosis.bpda_module:
+        learned.pop("bpda", None)
+        learned["bpda_module"] = diagnosis.bpda_module
+        head = f"{spec.kind}{max(steps, 50)}{'-t' if spec.targeted else ''}"
+        out.append(":".join([head, *(f"{k}={_option_text(v)}" for k, v in learned.items())]))
+    if "substitute" in remedies:
+        out.append("substitute")
     if "aa-rand" in remedies:
         out.append("autoattack:version=rand")
     elif not any(s.kind in ("autoattack", "autoattack-fast") for s in result.specs.values()):
         out.append("autoattack-fast")  # the fix always ends with the strongest attack we have
+    if "square-full" in remedies:
+        out.append(f"square:n_queries={SQUARE_FULL}")
+    if "decision" in remedies:
+        out.append("hopskipjump")
     return out
+
+
+@dataclass
+class RemedyCost:
+    """What one remedy attack cost: its rows' seconds (a surrogate's or an approximation's
+    fitting included) and the points it attacked and broke."""
+
+    attack: str
+    seconds: float
+    attacked: int
+    broken: int
 
 
 def fix(
@@ -742,24 +947,47 @@ def fix(
     progress: bool = False,
     sanity_tolerance: float = 3.0,
     shards: DistContext | None = None,
+    inputs: Tensor | None = None,
 ) -> tuple[EvalResult, list[str]]:
-    """Run the table again with the remedies of the raised indicators (or ``remedies``, a
-    subset of them) added as attacks after the original ones; returns the new table and the
-    attacks added (none when nothing was raised)."""
+    """Extend the diagnosed table (``result``, probe rows included) with the attacks that
+    apply the remedies of the raised indicators (or ``remedies``), each a row run on the
+    points every earlier row left, with its own time; returns the new table and the attacks
+    added (none when nothing was raised). ``inputs``: unlabelled images (the training
+    inputs) that surrogates are fitted on besides the table's points. The per-remedy costs
+    are in ``fixed.remedy_costs`` (:func:`remedy_costs`). ``attacks`` and ``mode`` are the
+    table's, kept for callers; the remedies always run in cascade after it."""
+    del attacks, mode
     chosen = diagnosis.remedies()
     if remedies is not None:
-        asked = parse_names(remedies, REMEDIES, "remedy")
-        chosen = asked
+        chosen = parse_names(remedies, REMEDIES, "remedy")
     if not chosen:
         return result, []
-    extra = remedy_attacks(result, chosen, threat)
+    extra = remedy_attacks(result, chosen, threat, diagnosis)
     ctx = context or EvalContext()
+    pool = x if inputs is None else torch.cat([inputs.to(x.dtype), x])
+    ctx.inputs = pool
     for label in extra:  # fail on a bad combination before running anything
         build_attack(parse_attacks(label)[0], threat, ctx)
-    items = attacks.split(",") if isinstance(attacks, str) else list(attacks)
     fixed = evaluate(
-        model, x, y, [*items, *extra], threat, batch_size=batch_size, seed=seed, mode=mode,
+        model, x, y, extra, threat, batch_size=batch_size, seed=seed,
         num_classes=num_classes, context=ctx, progress=progress,
-        sanity_tolerance=sanity_tolerance, shards=shards, order="given", trace=True,
+        sanity_tolerance=sanity_tolerance, shards=shards, trace=True, prior=result,
     )  # fmt: skip
     return fixed, extra
+
+
+def remedy_costs(fixed: EvalResult, extra: list[str]) -> list[RemedyCost]:
+    """Per remedy attack of a fixed table: its seconds (all its rows) and the points it
+    attacked and broke."""
+    out = []
+    for label in extra:
+        rows = [r for r in fixed.rows if r.group == label]
+        out.append(
+            RemedyCost(
+                label,
+                sum(r.seconds for r in rows),
+                rows[0].attacked if rows else 0,
+                sum(r.broken for r in rows),
+            )
+        )
+    return out

@@ -137,13 +137,14 @@ def dlr_from_logits(logits: Tensor, y: Tensor, target: Tensor | None = None) -> 
 
 def as_logits(output: Any) -> Tensor:
     """Extract a logits tensor from a model output: a tensor, a tuple/list (first element) or a
-    dict (key ``"logits"``)."""
-    if isinstance(output, Tensor):
-        return output
+    dict (key ``"logits"``). Integer or boolean outputs (votes, one-hot labels) become float32:
+    scores with no gradient, which every loss and attack reads as such."""
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    if isinstance(output, dict) and isinstance(output.get("logits"), Tensor):
-        return output["logits"]
+        output = output[0]
+    elif isinstance(output, dict) and isinstance(output.get("logits"), Tensor):
+        output = output["logits"]
+    if isinstance(output, Tensor):
+        return output if output.is_floating_point() else output.float()
     raise JeatError(
         f"the model returned {type(output).__name__}, not logits; return a tensor of shape "
         "(batch, num_classes), or wrap the model with EnergyModel(model, output_fn=...)"

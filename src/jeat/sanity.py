@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from jeat.attacks import ThreatModel
 from jeat.attacks.threats import check_budget
 from jeat.errors import JeatError
-from jeat.evaluate import table_warnings
+from jeat.tables import table_warnings
 
 if TYPE_CHECKING:
     from jeat.evaluate import EvalContext

@@ -32,6 +32,7 @@ from jeat.errors import JeatError
 
 __all__ = [
     "KINDS",
+    "WHOLE",
     "IMAGE_SUFFIXES",
     "UserArrays",
     "parse_source",
@@ -89,17 +90,22 @@ def fingerprint(kind: str, path: Path) -> str:
     return h.hexdigest()
 
 
-def read_user_data(kind: str, path: Path, image_size: int | None = None) -> UserArrays:
+def read_user_data(
+    kind: str, path: Path, image_size: int | None = None, split: bool = True
+) -> UserArrays:
     """Read ``folder:`` or ``npz:`` data (see the module docstring); every problem is a
-    :class:`JeatError` naming the file and what is wrong."""
+    :class:`JeatError` naming the file and what is wrong. ``split=False``: data with no
+    train/test split of its own is not split; every image is a test image (and a training
+    image: both arrays hold them all, in the files' order), as for evaluating a model trained
+    elsewhere on all of a user's test set. Data with its own split keeps it either way."""
     if image_size is not None and (
         isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
     ):
         raise JeatError(f"--image-size must be a positive integer, got {image_size!r}")
     if kind == "folder":
-        raw = _read_folder(path, image_size)
+        raw = _read_folder(path, image_size, split)
     elif kind == "npz":
-        raw = _read_npz(path)
+        raw = _read_npz(path, split)
     else:
         raise JeatError(f"unknown user dataset kind {kind!r}; choose folder: or npz:")
     if image_size is not None:
@@ -119,9 +125,14 @@ def resize(x: np.ndarray, size: int) -> np.ndarray:
     return out.clamp_(0.0, 1.0).numpy()
 
 
+WHOLE = "all of them (the data has no train/test split of its own)"
+
+
 def _split(
-    x: np.ndarray, y: np.ndarray, class_names: tuple[str, ...], where: str
+    x: np.ndarray, y: np.ndarray, class_names: tuple[str, ...], where: str, split: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    if not split:
+        return x, y, x, y, WHOLE
     from sklearn.model_selection import train_test_split
 
     counts = np.bincount(y, minlength=len(class_names))
@@ -233,7 +244,7 @@ def _read_tree(folder: Path, classes: list[str]) -> tuple[list[np.ndarray], list
     return images, files, np.asarray(labels, dtype=np.int64)
 
 
-def _read_folder(root: Path, image_size: int | None) -> UserArrays:
+def _read_folder(root: Path, image_size: int | None, split: bool = True) -> UserArrays:
     if not root.exists():
         raise JeatError(f"image folder {root} does not exist")
     if not root.is_dir():
@@ -260,8 +271,8 @@ def _read_folder(root: Path, image_size: int | None) -> UserArrays:
     classes = [d.name for d in _class_dirs(root)]
     images, files, y = _read_tree(root, classes)
     x = _stack(images, files, image_size)
-    x_tr, y_tr, x_te, y_te, split = _split(x, y, tuple(classes), f"image folder {root}")
-    return UserArrays(x_tr, y_tr, x_te, y_te, tuple(classes), split)
+    x_tr, y_tr, x_te, y_te, how = _split(x, y, tuple(classes), f"image folder {root}", split)
+    return UserArrays(x_tr, y_tr, x_te, y_te, tuple(classes), how)
 
 
 # --------------------------------------------------------------------------- .npz arrays
@@ -314,7 +325,7 @@ def _npz_labels(a: np.ndarray, key: str, n: int, path: Path) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _read_npz(path: Path) -> UserArrays:
+def _read_npz(path: Path, split: bool = True) -> UserArrays:
     if not path.exists():
         raise JeatError(f"npz file {path} does not exist")
     try:
@@ -367,10 +378,10 @@ def _read_npz(path: Path) -> UserArrays:
     if k < 2:
         raise JeatError(f"{path}: the labels name only one class; a classifier needs two or more")
     if x_te is None:
-        x, y, x_te, y_te, split = _split(x, y, names, f"{path}")
+        x, y, x_te, y_te, how = _split(x, y, names, f"{path}", split)
     else:
-        split = "x_test and y_test"
-    return UserArrays(x, y, x_te, y_te, names, split)
+        how = "x_test and y_test"
+    return UserArrays(x, y, x_te, y_te, names, how)
 
 
 def _as_float(x: np.ndarray) -> np.ndarray:

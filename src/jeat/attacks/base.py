@@ -102,11 +102,19 @@ def model_width(model: nn.Module, x: Tensor, num_classes: int | None = None) -> 
 
 
 class LogitsModel(nn.Module):
-    """Adapter for libraries that call ``model(x)`` and expect a logits tensor in float32."""
+    """Adapter for libraries that call ``model(x)`` and expect a logits tensor in float32.
+
+    Outputs with no graph to an input that requires a gradient (a model that detaches its
+    logits, computes them under ``no_grad`` or returns integers) are tied to the input with an
+    exactly zero gradient, so a reference attack that differentiates them sees zeros, as
+    jeat's own attacks do, instead of failing inside autograd."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: Tensor) -> Tensor:
-        return logits_of(self.model, x).float()
+        out = logits_of(self.model, x).float()
+        if torch.is_grad_enabled() and x.requires_grad and not out.requires_grad:
+            out = out + 0.0 * x.flatten(1).sum(1, keepdim=True)
+        return out

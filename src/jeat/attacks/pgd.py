@@ -103,6 +103,16 @@ class PGD:
     iterate then uses the averaged logits. ``log_outputs=True`` attacks the logarithm of the
     model's outputs: the attack on a model that returns probabilities instead of logits.
 
+    ``smooth = sigma > 0`` (gradient smoothing) takes, at every step, the expected gradient of
+    the loss under Gaussian input noise ``N(0, sigma^2 I)``: the mean over ``eot`` noisy copies
+    of the iterate (antithetic pairs ``+u, -u``) of the input gradient, and, for a point whose
+    noisy copies all have a zero or absent gradient (an opaque model: a step computed without
+    a graph, outputs detached from the input), the same expectation estimated from the losses
+    alone, ``mean((L(x + sigma u) - L(x)) u) / sigma`` (Gaussian smoothing, as NES). The
+    success test uses the model at the iterate itself (one more forward pass). It is the attack
+    on shattered gradients that jeat cannot see the cause of (Athalye et al. 2018's EOT over a
+    Gaussian), for deterministic models too.
+
     A model whose outputs do not depend on the input through autograd (a detached
     preprocessing step) gives a zero gradient, not an error: the step does nothing, and the
     trace shows it. ``recorder`` (a :class:`jeat.attacks.trace.LossTrace`) receives the
@@ -121,6 +131,7 @@ class PGD:
     compact_every: int | None = None
     eot: int = 1
     log_outputs: bool = False
+    smooth: float = 0.0
     recorder: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +143,11 @@ class PGD:
             raise JeatError(f"active_set must be True or False, got {self.active_set!r}")
         if self.compact_every is not None:
             _check_int(self.compact_every, "compact_every")
+        if isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float)):
+            raise JeatError(f"smoothing sigma must be a number >= 0, got {self.smooth!r}")
+        if not 0 <= float(self.smooth) < float("inf"):
+            raise JeatError(f"smoothing sigma must be a number >= 0, got {self.smooth}")
+        self.smooth = float(self.smooth)
         attack_loss(self.loss)
         if self.step_size is None:
             self.step_size = self.threat.default_step_size
@@ -206,6 +222,8 @@ class PGD:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Logits, per-example loss and input gradient at ``x_adv`` (each the mean over the
         ``eot`` passes); a model whose outputs ignore the input's graph gives a zero gradient."""
+        if self.smooth > 0:
+            return self._smoothed(model, x_adv, y, target, loss_fn)
         sums: list[Tensor] = []
         for _ in range(self.eot):
             # A no-op after the first step when the threat updates the leaf in place.
@@ -224,6 +242,37 @@ class PGD:
         logits, loss, grad = (t / self.eot for t in sums)
         return logits, loss, grad
 
+    def _smoothed(
+        self,
+        model: nn.Module,
+        x_adv: Tensor,
+        y: Tensor,
+        target: Tensor | None,
+        loss_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits and loss at ``x_adv`` and the Gaussian-smoothed gradient (see the class
+        notes): autograd's where any noisy copy has one, else the zeroth-order estimate."""
+        x0 = x_adv.detach()
+        with torch.no_grad():
+            logits = self._outputs(model, x0)
+            loss0 = loss_fn(logits, y, target)
+        shape = (-1, *([1] * (x0.dim() - 1)))
+        auto = torch.zeros_like(x0)
+        zeroth = torch.zeros_like(x0)
+        u = x0
+        for k in range(self.eot):
+            u = torch.randn_like(x0) if k % 2 == 0 else -u  # antithetic pairs
+            noisy = (x0 + self.smooth * u).clamp(0.0, 1.0).requires_grad_(True)
+            loss = loss_fn(self._outputs(model, noisy), y, target)
+            if loss.requires_grad:
+                (grad,) = torch.autograd.grad(loss.sum(), noisy, allow_unused=True)
+                if grad is not None:
+                    auto += grad
+            zeroth += (loss.detach() - loss0).view(shape) * u
+        has_grad = auto.flatten(1).abs().sum(1) > 0
+        grad = torch.where(has_grad.view(shape), auto, zeroth / self.smooth)
+        return logits, loss0, grad / self.eot
+
     @torch.no_grad()
     def _final(
         self,
@@ -235,6 +284,8 @@ class PGD:
     ) -> Tensor:
         """The logits of the last iterate (averaged over ``eot`` passes), for its success test."""
         logits = self._outputs(model, x_adv)
+        if self.smooth > 0:  # the success test is the model at the iterate itself
+            return logits
         for _ in range(self.eot - 1):
             logits = logits + self._outputs(model, x_adv)
         return logits / self.eot if self.eot > 1 else logits

@@ -1,0 +1,7 @@
+"""``python -m jeat.cli``, as torchrun runs it."""
+
+import sys
+
+from jeat.cli import main
+
+sys.exit(main())
