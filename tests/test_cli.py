@@ -86,6 +86,11 @@ def test_train_eval_generate_pipeline(tmp_path):
              tmp_path / "g.png")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "g.png").size[0] > Image.open(tmp_path / "g.png").size[1]
+    # beside the grid, each image's class and its own chain's seed
+    record = json.loads((tmp_path / "g.json").read_text())
+    cells = record["images"]
+    assert [c["label"] for c in cells] == [1] * 4 + [7] * 4
+    assert len({c["seed"] for c in cells}) == 8
 
     # SGLD, conditional, with the samples saved for scoring
     r = jeat("generate", run, "--method", "sgld", "--classes", "2,5", "--n", "3", "--steps",

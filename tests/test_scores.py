@@ -209,6 +209,19 @@ def test_judge_and_score_cli(tmp_path, digits):
     scores = tmp_path / "real.scores.json"
     data = json.loads(scores.read_text())
     assert data["judge"]["inception_score"] > 8 and data["judge"]["accuracy"] > 90
+    # the reference: the held-out (test) images against the training images; the "samples"
+    # here are those very test images, so both score the same
+    assert "reference, 360 real held-out images" in r.stdout
+    ref = data["judge"]["reference"]
+    assert ref["frechet_distance"] == pytest.approx(data["judge"]["frechet_distance"])
+    assert ref["recall"] == pytest.approx(data["judge"]["recall"])
+    r = jeat(
+        "score", npz, "--against", "digits", "--reference", "none", "--out", tmp_path / "n.json"
+    )
+    assert (
+        r.returncode == 0
+        and json.loads((tmp_path / "n.json").read_text())["judge"]["reference"] is None
+    )
     bad = tmp_path / "bad.npz"
     np.savez(bad, pixels=np.zeros((3, 8, 8)))
     r = jeat("score", bad, "--against", "digits")

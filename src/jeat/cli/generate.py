@@ -18,7 +18,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from jeat.finish import generate_samples, grid_width
+    from jeat.finish import generate_sample_chains, grid_width, write_grid_record
+    from jeat.metrics import judge_dir, load_judge
     from jeat.utils import atomic_write, save_image_grid
 
     model, meta, cfg, data = _load_source(args, _source(args), args.dataset)
@@ -37,10 +38,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     classes = _int_list(args.classes) if args.classes else None
     out = _out_base(args, "samples.png")
     _hold_outputs(args, out, args.npz)
-    images, labels = generate_samples(model, data, cfg, classes, seed=args.seed)
+    chains = generate_sample_chains(model, data, cfg, classes, seed=args.seed)
+    images, labels = chains.images, chains.labels
     g = cfg.generate
-    save_image_grid(images, out, nrow=grid_width(g, len(images)))
+    width = grid_width(g, len(images))
+    save_image_grid(images, out, nrow=width)
     print(f"wrote {out}")
+    # each image's class, chain seed and, when the dataset's judge is cached, its verdict
+    folder = judge_dir(data.info.name, cfg.data.image_size)
+    judge = None
+    if (folder / "model.pt").exists():
+        judge = load_judge(data.info.name, folder, cfg.data.image_size)
+    print(f"wrote {write_grid_record(out, chains, width, judge, folder, g.method)}")
     if args.npz:
         with atomic_write(args.npz, "wb") as fh:
             np.savez_compressed(

@@ -52,9 +52,18 @@ def cmd_score(args: argparse.Namespace) -> int:
         pick = torch.randperm(len(images), generator=gen)[:n]
         images = images[pick]
         labels = labels[pick] if labels is not None else None
-    real = data.x_train if args.real == "train" else data.x_test
+    real, real_labels = (
+        (data.x_train, data.y_train) if args.real == "train" else (data.x_test, data.y_test)
+    )
     if n_real is not None and n_real < len(real):
-        real = real[torch.randperm(len(real), generator=gen)[:n_real]]
+        pick = torch.randperm(len(real), generator=gen)[:n_real]
+        real, real_labels = real[pick], real_labels[pick]
+    # the reference: the other split's real images scored against the same real images
+    held_out, held_out_labels = None, None
+    if args.reference == "held-out":
+        held_out, held_out_labels = (
+            (data.x_test, data.y_test) if args.real == "train" else (data.x_train, data.y_train)
+        )
     out = Path(args.out) if args.out else Path(args.samples).with_suffix(".scores.json")
     _hold_outputs(args, out)
     backends = []
@@ -69,8 +78,13 @@ def cmd_score(args: argparse.Namespace) -> int:
             print(f"Inception-v3 IS/FID skipped: {exc}")
     results = {}
     for backend in backends:
-        s = score_samples(backend, images, real, labels, splits)
+        s = score_samples(
+            backend, images, real, labels, splits, real_labels=real_labels,
+            held_out=held_out, held_out_labels=held_out_labels, seed=args.seed,
+        )  # fmt: skip
         print(f"{backend.name:<13} {s.line()}")
+        if s.reference_line():
+            print(f"{'':<13} {s.reference_line()}")
         results[backend.name] = s.to_dict()
     write_json(
         out,
@@ -85,6 +99,13 @@ def add_parser(sub) -> None:
     sc.add_argument("samples", help=".npz with an 'images' array (jeat generate --npz)")
     sc.add_argument("--against", required=True, help="dataset whose real images are the reference")
     sc.add_argument("--real", choices=["train", "test"], default="train", help="reference split")
+    sc.add_argument(
+        "--reference",
+        choices=["held-out", "none"],
+        default="held-out",
+        help="also score the other split's real images against the same real images: the "
+        "floor every score is read against (default held-out)",
+    )
     sc.add_argument(
         "--backend",
         choices=["auto", "judge", "inception"],
