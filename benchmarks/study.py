@@ -76,7 +76,7 @@ from typing import Any
 import torch
 from common import LEAN_OVERRIDES, ROOT, machine, quiet_stdout
 
-from jeat.compare import write_tradeoff_plots
+from jeat.compare import SEEDS_LABEL, write_tradeoff_plots
 from jeat.config import TrainConfig, config_to_dict, load_config
 from jeat.data import ImageDataset, load_dataset
 from jeat.errors import JeatError
@@ -84,7 +84,7 @@ from jeat.finish import final_evaluation, generate_sample_chains, write_grid_rec
 from jeat.metrics import JudgeBackend, score_samples, train_judge
 from jeat.report import REFERENCE_LABEL
 from jeat.runs import load_trained
-from jeat.samplers import Samples
+from jeat.samplers import Samples, sample_seeds
 from jeat.stats import NO_DIFFERENCE, summarize_study, summary_markdown
 from jeat.train import train
 from jeat.utils import atomic_write, save_image_grid, write_json
@@ -528,10 +528,43 @@ def reference_for(
     return record
 
 
-def references(out: Path) -> dict[str, dict[str, Any]]:
-    """Every dataset's cached reference in the study folder (also an earlier invocation's)."""
+def seeds_reference_for(
+    ds: str, b: Budget, data: ImageDataset, judge: torch.nn.Module, out: Path
+) -> dict[str, Any]:
+    """The samplers' starting points alone: as many class-conditional seeds as a cell
+    generates (``per_class`` per class, drawn as the dataset's shipped configs draw them:
+    ``generate.seeds`` and ``generate.seed_resolution``), scored like the samples by the
+    study's judge. No model is involved, so a generator is read against it: on 8x8 digits
+    the class-Gaussian seeds alone are already classified and spread like the data. Cached in
+    ``judges/<ds>/seeds.json`` (redone when the sample count differs)."""
+    path = out / "judges" / ds / "seeds.json"
+    k = data.info.num_classes
+    n = b.per_class * k
+    if path.exists():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("n_samples") == n and cached.get("n_real") == len(data.x_train):
+                return cached
+        except (OSError, ValueError, AttributeError):
+            pass
+    g = load_config(f"{b.prefix}-pgdat").generate
+    labels = torch.arange(k).repeat_interleave(b.per_class)
+    seeds = sample_seeds(g.seeds, data, labels, torch.Generator().manual_seed(0),
+                         max_side=g.seed_resolution)  # fmt: skip
+    s = score_samples(JudgeBackend(judge), seeds, data.x_train, labels, splits=10,
+                      real_labels=data.y_train)  # fmt: skip
+    record = {key: getattr(s, name) for key, name in SCORES}
+    record.update(images=f"{g.seeds} seeds", n_samples=s.n_samples, n_real=s.n_real,
+                  scores=s.to_dict())  # fmt: skip
+    write_json(path, record)
+    return record
+
+
+def references(out: Path, name: str = "reference.json") -> dict[str, dict[str, Any]]:
+    """Every dataset's cached reference (``seeds.json``: its seeds' scores) in the study
+    folder (also an earlier invocation's)."""
     found = {}
-    for path in sorted((out / "judges").glob("*/reference.json")):
+    for path in sorted((out / "judges").glob(f"*/{name}")):
         try:
             found[path.parent.name] = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -643,6 +676,7 @@ def write_summary(
     cells = finished_cells(out)
     judges = {**judge_accuracies(out), **judges}
     refs = references(out)
+    starts = references(out, "seeds.json")
     variants = list(dict.fromkeys(c["variant"] for c in cells))
     pairs = [(v, "pgdat") for v in variants if v.startswith("jeat")]
     pairs += [(v, "jeat") for v in variants if v.startswith("jeat-")]
@@ -663,6 +697,10 @@ def write_summary(
             # per dataset: real test images scored like the samples (scores without "scores")
             "reference": {
                 d: {k: v for k, v in r.items() if k != "scores"} for d, r in refs.items()
+            },
+            # per dataset: the samplers' starting points alone, scored like the samples
+            "seeds_reference": {
+                d: {k: v for k, v in r.items() if k != "scores"} for d, r in starts.items()
             },
         },
     )
@@ -689,8 +727,11 @@ def write_summary(
         "2020, k = 5); diversity (per class, the samples' mean pairwise feature distance over "
         "the real images', averaged over classes: 1 = as varied as the data); judge acc.: the "
         f"share judged as the class asked for. The row '{REFERENCE_LABEL}' scores as many "
-        "real test images the same way: the floor. The judge-IS is in `summary.json` but not "
-        "here: at ten classes it saturates (9.56 for nearly every digits model).",
+        "real test images the same way: the floor. The row '" + SEEDS_LABEL + "' scores the "
+        "samplers' starting points (the class-conditional Gaussian seeds every chain starts "
+        "from) the same way, with no model involved: a sampler that ends worse than it "
+        "started has made its seeds less like the data. The judge-IS is in `summary.json` but "
+        "not here: at ten classes it saturates (9.56 for nearly every digits model).",
         "",
         "Judges: "
         + ", ".join(f"{d} {a:.1f}% test accuracy" for d, a in judges.items())
@@ -705,7 +746,7 @@ def write_summary(
         "verdict is 'A higher' / 'A lower' when the 95% interval excludes zero, else 'no "
         "difference shown'. For FID lower is better.",
         "",
-        *readme_tables(summary, refs, plots),
+        *readme_tables(summary, refs, plots, starts),
         summary_markdown({**summary, "groups": []}, COLUMNS),  # the paired differences
         goal_markdown(summary["goal"]),
     ]
@@ -715,7 +756,10 @@ def write_summary(
 
 
 def readme_tables(
-    summary: dict[str, Any], refs: dict[str, dict[str, Any]], plots: dict[str, Path]
+    summary: dict[str, Any],
+    refs: dict[str, dict[str, Any]],
+    plots: dict[str, Path],
+    starts: dict[str, dict[str, Any]] | None = None,
 ) -> list[str]:
     """Per dataset: the robustness table, a generation table per sampler with the reference
     row, and the trade-off plot."""
@@ -725,9 +769,14 @@ def readme_tables(
                "differences": []}  # fmt: skip
         parts.append(summary_markdown(one, COLUMNS))
         ref = refs.get(dataset) or {}
+        start = (starts or {}).get(dataset) or {}
         for method, name in SAMPLERS:
-            row = {f"{key}_{method}": ref.get(key) for key, _ in SCORES}
-            extra = {dataset: [(REFERENCE_LABEL, row)]} if ref else None
+            rows = []
+            if ref:
+                rows.append((REFERENCE_LABEL, {f"{k}_{method}": ref.get(k) for k, _ in SCORES}))
+            if start:
+                rows.append((SEEDS_LABEL, {f"{k}_{method}": start.get(k) for k, _ in SCORES}))
+            extra = {dataset: rows} if rows else None
             parts.append(summary_markdown(one, generation_columns(method),
                                           f"{{dataset}}: generation by {name}", extra))  # fmt: skip
         if dataset in plots:
@@ -759,6 +808,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         judge, judge_acc = judge_for(ds, b, data, out)
         judges[ds] = judge_acc
         reference_for(ds, b, data, judge, out)
+        seeds_reference_for(ds, b, data, judge, out)
         print(f"== {ds}: {len(data.x_train)} train / {len(data.x_test)} test images; judge "
               f"{judge_acc:.1f}% ({time.time() - started:.0f} s)", flush=True)  # fmt: skip
         for cell in ds_cells:

@@ -77,6 +77,11 @@ def test_study_smoke_writes_the_contract_and_resumes(tmp_path, study, capsys):
     # the reference: real test images scored once per dataset and judge, like the samples
     ref = summary["reference"]["digits"]
     assert ref["n_samples"] == 60 and 0 <= ref["recall"] <= 1 and ref["fid"] >= 0
+    # the samplers' starting points alone, scored alike (no model): the seeds' row
+    start = summary["seeds_reference"]["digits"]
+    assert start["n_samples"] == 60 and start["images"] == "class seeds"
+    assert 0 <= start["judge_acc"] <= 100 and start["fid"] >= 0
+    assert "class-Gaussian seeds alone (no model)" in readme
     cached = json.loads((out / "judges" / "digits" / "reference.json").read_text())
     assert ref == {k: v for k, v in cached.items() if k != "scores"}
     assert "### digits: generation by seeded descent" in readme

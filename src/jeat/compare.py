@@ -63,6 +63,7 @@ from jeat.report import (
 from jeat.utils import atomic_write, pyplot
 
 __all__ = [
+    "SEEDS_LABEL",
     "STUDY_KIND",
     "compare",
     "pareto_front",
@@ -352,18 +353,24 @@ def _estimate(value: Any) -> tuple[float, float | None, float | None] | None:
     return float(value), None, None
 
 
+SEEDS_LABEL = "class-Gaussian seeds alone (no model)"
+
+
 def tradeoff_png(
     points: Sequence[tuple[str, dict[str, Any]]],
     reference: dict[str, Any] | None = None,
     title: str = "",
+    seeds: dict[str, Any] | None = None,
 ) -> bytes | None:
     """Worst-case robust accuracy (``worst_case``) against judge-FID and against recall, one
     panel per sampler whose scores any point has: each ``(label, metrics)`` is one point, at a
     study group's mean with its interval in both directions (``{"mean", "low", "high"}``) or
     a run's numbers without bars. The points on the Pareto front (:func:`pareto_front`: more
     robust and lower FID / higher recall are better) are ringed and joined by a dashed line;
-    ``reference`` (numbers under the same keys) is drawn as a dotted vertical line. Returns
-    the PNG, or None when no point has both a robust accuracy and a generation score."""
+    ``reference`` (numbers under the same keys) is drawn as a dotted vertical line, and
+    ``seeds`` (the same scores of the samplers' starting points, no model involved) as a
+    dash-dotted one. Returns the PNG, or None when no point has both a robust accuracy and a
+    generation score."""
     panels = []
     for key, name, higher in TRADEOFF_AXES:
         for m, sampler in SAMPLERS:
@@ -410,6 +417,9 @@ def tradeoff_png(
         ref = (reference or {}).get(f"{key}_{m}")
         if isinstance(ref, (int, float)):
             ax.axvline(float(ref), color="0.4", ls=":", lw=1.2, label=REFERENCE_LABEL)
+        start = (seeds or {}).get(f"{key}_{m}")
+        if isinstance(start, (int, float)):
+            ax.axvline(float(start), color="tab:red", ls="-.", lw=1.0, label=SEEDS_LABEL)
         better = "higher" if higher else "lower"
         ax.set_xlabel(f"{name}, {sampler} ({better} is better)")
         ax.set_ylabel("worst-case robust accuracy (%)")
@@ -426,7 +436,9 @@ _TRADEOFF_TEXT = (
     "its attack table{aa}) against the judge-FID and the recall of its generated samples, per "
     "sampler. {bars} Ringed points joined by the dashed line form the Pareto front: no other "
     "{what} is both more robust and better on that generation score. The dotted line is the "
-    "same score of real test images (the reference), where there is one.</p>"
+    "same score of real test images (the reference), where there is one; the dash-dotted line "
+    "the same score of the samplers' starting points alone (class-Gaussian seeds, no model), "
+    "where a study recorded it.</p>"
 )
 
 
@@ -458,6 +470,7 @@ def write_tradeoff_plots(summary: dict[str, Any], folder: str | Path) -> dict[st
     dataset without points)."""
     out = {}
     refs = summary.get("reference") or {}
+    starts = summary.get("seeds_reference") or {}
     groups = summary.get("groups") or []
     level = float(summary.get("level", 0.95))
     for dataset in dict.fromkeys(g["dataset"] for g in groups):
@@ -465,7 +478,9 @@ def write_tradeoff_plots(summary: dict[str, Any], folder: str | Path) -> dict[st
         flat = {f"ref_{k}": v for k, v in (refs.get(dataset) or {}).items()}
         ref = reference_metrics(flat, [m for m, _ in SAMPLERS])
         title = f"{dataset}: mean over seeds, {100 * level:.0f}% t-intervals"
-        png = tradeoff_png(points, ref, title)
+        start = starts.get(dataset) or {}
+        seeds = {f"{k}_{m}": start.get(k) for k in start for m, _ in SAMPLERS}
+        png = tradeoff_png(points, ref, title, seeds or None)
         if png is None:
             continue
         path = Path(folder) / f"tradeoff-{re.sub(r'[^A-Za-z0-9._-]+', '-', dataset)}.png"
