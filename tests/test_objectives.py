@@ -150,5 +150,6 @@ def test_eps_warmup_grows_the_training_budget_linearly():
             obj.begin_step(step)
             seen.append((obj.attack.threat.eps, obj.attack.step_size))
         assert [e for e, _ in seen] == pytest.approx([0.2 * f for f in (0.25, 0.5, 0.75, 1, 1, 1)])
-        assert seen[0][1] == pytest.approx(0.05 / 4) and seen[-1][1] == pytest.approx(0.05)
+        step = cfg.objective.attack.step_size
+        assert seen[0][1] == pytest.approx(step / 4) and seen[-1][1] == pytest.approx(step)
         assert obj.attack.eval_mode  # the warm-up keeps the attack's mode

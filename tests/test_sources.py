@@ -123,8 +123,10 @@ def test_forty_three_class_factory_gives_the_runs_table(tmp_path):
         imgs = np.clip(protos[labels] + 0.15 * rng.standard_normal((len(labels), 1, 8, 8)), 0, 1)
         write_image_folder(tmp_path / "signs" / split, torch.from_numpy(imgs), labels, names)
     data = f"folder:{tmp_path / 'signs'}"
+    # --model small_cnn: the network net.py mirrors (its defaults: the lean network's options
+    # do not follow it)
     r = jeat_cli("train", "--dataset", data, "--objective", "standard", "--epochs", "4",
-                 "--quiet", "--out", "run", "--set", "final_eval=false",
+                 "--model", "small_cnn", "--quiet", "--out", "run", "--set", "final_eval=false",
                  "--set", "final_samples=false", "--set", "final_analysis=false",
                  "--set", "final_scores=false", "--set", "final_report=false",
                  cwd=tmp_path)  # fmt: skip
