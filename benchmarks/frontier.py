@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -350,7 +351,7 @@ def warm_up(d: Dataset, data: ImageDataset, work: Path) -> None:
         sets = ["epochs=1", f"data.train_subset={min(128, len(data.x_train))}"]
         cfg = load_config(d.recipes[recipe], [*d.overrides, *d.recipe_overrides.get(recipe, []),
                                               *LEAN, *sets])  # fmt: skip
-        folder = work / "warm-up" / d.name / recipe
+        folder = work / "warm-up" / f"{d.name}-{os.getpid()}" / recipe  # one per process
         shutil.rmtree(folder, ignore_errors=True)
         with quiet_stdout():
             train(cfg, folder, data=data)
@@ -379,25 +380,25 @@ def summarize(rows: list[dict[str, Any]], budgets: dict[str, Dataset]) -> tuple[
             for k in recipes
         }
         seeds = sorted({r["seed"] for r in full})
-        by = {k: v for k, v in by.items() if [r["seed"] for r in v] == seeds}
+        # a recipe measured on fewer seeds keeps its row (its seeds named); the paired
+        # difference uses only the recipes measured on every seed
+        complete = [k for k, v in by.items() if [r["seed"] for r in v] == seeds]
         table_rows, stats = [], {}
-        budget = [r["train_seconds"] for r in by.get("pgd-at", [])]
+        budget_of = {r["seed"]: r["train_seconds"] for r in by.get("pgd-at", [])}
         for k, cells in by.items():
+            budget = [budget_of.get(c["seed"]) for c in cells]
             entry = {
                 m: t_interval([float(c[m]) for c in cells]).to_dict()
                 for m in ("clean", "pgd20", "autoattack_fast", "worst_case", "train_seconds")
             }
-            ratio = (
-                [c["train_seconds"] / b for c, b in zip(cells, budget, strict=True)]
-                if budget
-                else []
-            )
+            ratio = [c["train_seconds"] / b for c, b in zip(cells, budget, strict=True) if b]
             entry["seconds_over_budget"] = max(ratio) if ratio else None
             stats[k] = entry
             flags = sorted({w for c in cells for w in c["warnings"]})
             table_rows.append(
                 [
                     k,
+                    ", ".join(str(c["seed"]) for c in cells),
                     interval_text([c["clean"] for c in cells]),
                     interval_text([c["pgd20"] for c in cells]),
                     interval_text([c["autoattack_fast"] for c in cells]),
@@ -413,14 +414,14 @@ def summarize(rows: list[dict[str, Any]], budgets: dict[str, Dataset]) -> tuple[
             f"### {name}: {len(seeds)} seeds, {full[0]['n_test']} test points, full budget",
             "",
             markdown_table(
-                ["recipe", "clean %", "PGD-20 %", "AA-fast %", "worst %", "train s",
+                ["recipe", "seeds", "clean %", "PGD-20 %", "AA-fast %", "worst %", "train s",
                  "s / budget (max)", "masking warnings"],
                 table_rows,
             ),
         ]  # fmt: skip
-        jeat = [k for k in by if k != PLAIN]
+        jeat = [k for k in complete if k != PLAIN]
         diff = None
-        if PLAIN in by and jeat and len(seeds) >= 2:
+        if PLAIN in complete and jeat and len(seeds) >= 2:
             best = max(jeat, key=lambda k: stats[k]["worst_case"]["mean"])
             d = paired_difference(
                 [c["worst_case"] for c in by[best]],
@@ -489,6 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", choices=sorted(BUDGETS), default="full")
     p.add_argument("--datasets", help="comma-separated subset of the budget's datasets")
     p.add_argument("--seeds", type=int, help="seeds at the full budget (default: per dataset)")
+    p.add_argument(
+        "--only-seed",
+        type=int,
+        help="run only this seed's full-budget cells (to share the seeds between processes; "
+        "a later run without it summarises every cell)",
+    )
+    p.add_argument("--recipes", help="comma-separated subset of the recipes (plain: the loop)")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--threads", type=int, default=1, help="torch threads for everything")
     p.add_argument(
@@ -517,7 +525,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping {name}: its data is not under {args.data_dir} ({exc})")
             continue
         warmed = False
-        for cell in plan(budgets, [name], args.seeds):
+        cells = plan(budgets, [name], args.seeds)
+        if args.only_seed is not None:
+            cells = [c for c in cells if c.fraction == 1.0 and c.seed == args.only_seed]
+        if args.recipes:
+            # the plain loop's budget is what the pgd-at cell of its seed measured
+            keep = {*args.recipes.split(","), *(["pgd-at"] if PLAIN in args.recipes else [])}
+            cells = [c for c in cells if c.recipe in keep]
+        for cell in cells:
             path = out / cell.folder / "cell.json"
             budget = budget_of.get((name, cell.seed if cell.fraction == 1.0 else 0))
             row = json.loads(path.read_text()) if path.exists() else None
