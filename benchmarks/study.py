@@ -739,7 +739,8 @@ def write_summary(
         + ", ".join(f"{d} {a:.1f}% test accuracy" for d, a in judges.items())
         + ". Budgets: "
         + "; ".join(
-            f"{d}: {' '.join(budgets[d].overrides)}, {budgets[d].per_class * 10} samples per "
+            f"{d}: {' '.join(budgets[d].overrides) or 'the shipped configs'}, "
+            f"{budgets[d].per_class * 10} samples per "
             f"method, eval on {budgets[d].n_eval or 'all'} test points"
             for d in judges
         ),

@@ -316,7 +316,9 @@ def summary_markdown(
             if g["dataset"] != dataset:
                 continue
             cells = [_cell_text(g["metrics"].get(k), d) for k, _, d in columns]
-            lines.append(f"| {g['variant']} | {g['n_seeds']} | " + " | ".join(cells) + " |")
+            failed = g.get("n_failed", 0)
+            seeds = f"{g['n_seeds'] - failed} ({failed} failed)" if failed else g["n_seeds"]
+            lines.append(f"| {g['variant']} | {seeds} | " + " | ".join(cells) + " |")
         for name, values in (extra_rows or {}).get(dataset, []):
             cells = [
                 "–" if values.get(k) is None else f"{float(values[k]):.{d}f}" for k, _, d in columns
