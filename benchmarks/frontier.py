@@ -459,8 +459,10 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                 for r in mine
                 if r["recipe"] == recipe and r["seed"] == 0
             )
-            (line,) = ax.plot(*zip(*pts, strict=True), marker="o", label=recipe)
             full = [r for r in mine if r["recipe"] == recipe and r["fraction"] == 1.0]
+            if not pts:  # this run measured other seeds only: their mean alone
+                pts = [(full[0]["train_seconds"], full[0]["worst_case"])]
+            (line,) = ax.plot(*zip(*pts, strict=True), marker="o", label=recipe)
             if len(full) >= 2:
                 acc = t_interval([r["worst_case"] for r in full])
                 sec = t_interval([r["train_seconds"] for r in full])
