@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -394,7 +395,13 @@ def summarize(rows: list[dict[str, Any]], budgets: dict[str, Dataset]) -> tuple[
             ratio = [c["train_seconds"] / b for c, b in zip(cells, budget, strict=True) if b]
             entry["seconds_over_budget"] = max(ratio) if ratio else None
             stats[k] = entry
-            flags = sorted({w for c in cells for w in c["warnings"]})
+            # one entry per kind of warning: its first sentence, counts dropped, and the seeds
+            flagged: dict[str, set[int]] = {}
+            for c in cells:
+                for w in c["warnings"]:
+                    kind = re.sub(r"\d+", "N", w.split("!")[0].split(". ")[0])
+                    flagged.setdefault(kind, set()).add(c["seed"])
+            flags = [f"{k} (seed {', '.join(map(str, sorted(v)))})" for k, v in flagged.items()]
             table_rows.append(
                 [
                     k,
@@ -498,6 +505,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run only this seed's full-budget cells (to share the seeds between processes; "
         "a later run without it summarises every cell)",
     )
+    p.add_argument(
+        "--summarize",
+        action="store_true",
+        help="measure nothing: summarise the cells already measured (a cell not measured yet, "
+        "or stale, is left out and named)",
+    )
     p.add_argument("--recipes", help="comma-separated subset of the recipes (plain: the loop)")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--threads", type=int, default=1, help="torch threads for everything")
@@ -540,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
             row = json.loads(path.read_text()) if path.exists() else None
             why = "not measured" if row is None else stale(row, cell, d, budget)
             reused = why is None
+            if args.summarize and (row is None or why is not None):
+                print(f"{cell.folder}: left out ({why})")
+                continue
             if row is None or why is not None:
                 if row is not None:
                     print(f"{cell.folder}: measured again ({why})")
