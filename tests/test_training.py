@@ -59,7 +59,10 @@ KILL_ARGS = [
 # `jeat train` that sends itself SIGNAL in the middle of writing its second checkpoint (half of
 # it is in the temporary file): at the same point of the run whatever the machine's load
 _KILLED_MID_WRITE = """
-import os, sys
+import os, signal, sys
+# a shell without job control starts background jobs with SIGINT ignored, and Python then
+# installs no KeyboardInterrupt handler: restore the terminal's Ctrl-C whatever started us
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import jeat.train
 from jeat.checkpoint import save_checkpoint
 from jeat.utils import atomic_save
