@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from jeat.energy import as_logits
+from jeat.energy import as_logits, check_labels
 from jeat.errors import JeatError
 
 __all__ = ["Attack", "check_images", "model_mode", "logits_of", "model_width", "LogitsModel"]
@@ -79,6 +79,18 @@ def model_mode(model: nn.Module, eval_mode: bool) -> Iterator[None]:
             m.training = mode
         for p in trainable:
             p.requires_grad_(True)
+
+
+def checked_inputs(model: nn.Module, x: Tensor, y: Tensor, check: bool = True) -> Tensor:
+    """An attack's inputs, detached, after the checks every attack runs when ``check`` is on:
+    images in [0, 1], labels within the model's classes (one eval-mode forward to read them)."""
+    if check:
+        check_images(x)
+    x = x.detach()
+    if check and len(x):
+        with model_mode(model, True), torch.no_grad():
+            check_labels(y, model_width(model, x), len(x))
+    return x
 
 
 def logits_of(model: nn.Module, x: Tensor) -> Tensor:

@@ -33,9 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from jeat.attacks.base import check_images, logits_of, model_mode, model_width
+from jeat.attacks.base import checked_inputs, logits_of, model_mode
 from jeat.attacks.threats import ThreatModel
-from jeat.energy import check_labels
 from jeat.errors import JeatError
 
 __all__ = ["HopSkipJump"]
@@ -113,14 +112,10 @@ class HopSkipJump:
         generator: torch.Generator | None = None,
         check: bool = True,
     ) -> Tensor:
-        if check:
-            check_images(x)
-        x = x.detach()
+        x = checked_inputs(model, x, y, check)
         if len(x) == 0:
             return x.clone()
         with model_mode(model, True), torch.no_grad():
-            if check:
-                check_labels(y, model_width(model, x), len(x))
             return self._run(model, x, y, generator)
 
     def _run(self, model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator | None) -> Tensor:

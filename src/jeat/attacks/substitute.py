@@ -42,9 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jeat.attacks.base import check_images, logits_of, model_mode, model_width
+from jeat.attacks.base import checked_inputs, logits_of, model_mode
 from jeat.attacks.threats import ThreatModel
-from jeat.energy import check_labels
 from jeat.errors import JeatError
 
 __all__ = ["Substitute", "LearnedBPDA", "find_module", "target_distribution"]
@@ -200,14 +199,10 @@ class Substitute:
         generator: torch.Generator | None = None,
         check: bool = True,
     ) -> Tensor:
-        if check:
-            check_images(x)
-        x = x.detach()
+        x = checked_inputs(model, x, y, check)
         if len(x) == 0:
             return x.clone()
         with model_mode(model, True), torch.no_grad():
-            if check:
-                check_labels(y, model_width(model, x), len(x))
             if self.surrogate is None:
                 self.surrogate = self.fit(model, x, y)
             net = self.surrogate.to(x.device)
