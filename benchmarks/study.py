@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from common import LEAN_OVERRIDES, ROOT, machine, quiet_stdout
 
 from jeat.compare import SEEDS_LABEL, write_tradeoff_plots
@@ -351,16 +352,85 @@ def read_cell(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and "metrics" in data else None
 
 
-def train_cell(cfg: TrainConfig, folder: Path, data: ImageDataset) -> None:
-    """Train the cell's run: reuse a finished model, resume an interrupted run, else start
+# Config entries that do not change the trained weights: what is measured after training and
+# how (the per-epoch evaluation, which ``keep: best`` reads, does count).
+AFTER_TRAINING = frozenset({
+    "generate", "analysis", "final_eval", "final_samples", "final_analysis", "final_scores",
+    "final_report", "tensorboard", "progress", "device", "checkpoint_every_steps",
+})  # fmt: skip
+AFTER_TRAINING_EVAL = frozenset({"n", "attacks", "mode", "batch_size", "curve"})
+EPOCH_CHECK = frozenset({"epoch_n", "epoch_steps"})
+ADOPTED = "adopted.json"  # in a cell's run folder: the run its weights were copied from
+
+
+def training_part(config: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a resolved config that decide the trained weights. The per-epoch check
+    (``eval.epoch_*``) runs under its own random state, so it counts only when ``keep: best``
+    selects an epoch by it."""
+    part = {k: v for k, v in config.items() if k not in AFTER_TRAINING}
+    if isinstance(part.get("eval"), dict):
+        after = AFTER_TRAINING_EVAL | (EPOCH_CHECK if part.get("keep") == "last" else set())
+        part["eval"] = {k: v for k, v in part["eval"].items() if k not in after}
+    return part
+
+
+def adoptable_runs(roots: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """Finished jeat runs under ``roots`` (a ``model.pt`` beside its ``config.yaml``), with the
+    training part of each one's config."""
+    found = []
+    for root in roots:
+        for cfg_path in sorted(root.rglob("config.yaml")):
+            run = cfg_path.parent
+            if not (run / "model.pt").exists() or not (run / "metrics.jsonl").exists():
+                continue
+            try:
+                found.append((run, training_part(yaml.safe_load(cfg_path.read_text()))))
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue
+    return found
+
+
+def adopt_run(
+    cfg: TrainConfig, folder: Path, runs: list[tuple[Path, dict[str, Any]]]
+) -> Path | None:
+    """Copy a finished run trained at exactly the cell's training config (seed included) from
+    another benchmark's work folder (``--adopt``), instead of training it again: the weights
+    are the same run's. Returns the source, or None when no run matches."""
+    want = training_part(config_to_dict(cfg))
+    for run, part in runs:
+        if part == want:
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            for name in ("model.pt", "config.yaml", "metrics.jsonl", "run.json"):
+                if (run / name).exists():
+                    shutil.copy2(run / name, folder / name)
+            source = run.resolve()
+            shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
+            write_json(folder / ADOPTED, {"trained_by": str(shown)})
+            return run
+    return None
+
+
+def train_cell(
+    cfg: TrainConfig, folder: Path, data: ImageDataset,
+    adoptable: list[tuple[Path, dict[str, Any]]] | None = None,
+) -> Path | None:  # fmt: skip
+    """Train the cell's run: reuse a finished model, adopt a finished run of the same training
+    config from ``adoptable`` (returning its folder), resume an interrupted run, else start
     afresh (removing what a run killed before its first checkpoint left)."""
     if (folder / "model.pt").exists():
-        return
+        return None
+    if adoptable and not (folder / "checkpoints" / "last.pt").exists():
+        source = adopt_run(cfg, folder, adoptable)
+        if source is not None:
+            return source
     resume = (folder / "checkpoints" / "last.pt").exists()
     if folder.exists() and not resume:
         shutil.rmtree(folder)
     with quiet_stdout():
         train(cfg, folder, resume=resume, data=data)
+    return None
 
 
 def measure_cell(
@@ -801,6 +871,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     judges: dict[str, float] = {}
     started = time.time()
     trained_now = 0
+    adoptable = adoptable_runs([Path(a) for a in args.adopt])
+    if args.adopt:
+        print(f"{len(adoptable)} finished runs to adopt from under {', '.join(args.adopt)}")
     by_dataset: dict[str, list[Cell]] = {}
     for c in cells:
         by_dataset.setdefault(c.dataset, []).append(c)
@@ -826,7 +899,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             t0, cpu0 = time.time(), time.process_time()
             cfg = cell_config(cell, b)
             try:
-                train_cell(cfg, folder, data)
+                train_cell(cfg, folder, data, adoptable)
             except JeatError as exc:
                 if "training diverged" not in str(exc):
                     raise
@@ -840,6 +913,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             record = measure_cell(cell, cfg, folder, data, judge, b)
             record["config_resolved"] = config_to_dict(cfg)
+            if (folder / ADOPTED).exists():
+                # the weights come from another benchmark's run of the same training config
+                record["trained_by"] = json.loads((folder / ADOPTED).read_text())["trained_by"]
             # this invocation's wall and CPU time on the cell (all threads; the CPU time is
             # the steadier measure on a shared machine)
             record["cell_seconds"] = time.time() - t0
@@ -878,6 +954,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--part", choices=["main", "knobs", "all"], default="all")
     p.add_argument("--variants", help="comma-separated subset of the variants to run")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument(
+        "--adopt",
+        action="append",
+        default=[],
+        help="a folder of finished jeat runs (e.g. runs/frontier-work, the frontier's): a cell "
+        "whose training config (seed included) equals one of them is not trained again but "
+        "measured on a copy of that run; its cell.json names the source (repeatable)",
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]

@@ -154,3 +154,49 @@ def test_study_plans_the_issue_cells(study):
     knobs = study.plan(study.parse_args(["--out", "x", "--part", "knobs"]))
     assert {c.dataset for c in knobs} == {"digits"}
     assert {"pgdat", "jeat", "jem", "jeat-lambda0.1-u20"} <= {c.variant for c in knobs}
+
+
+def test_study_adopts_finished_runs_of_the_same_training_config(tmp_path, study, capsys):
+    """``--adopt``: a cell whose training config (seed included) equals a finished run's is
+    measured on a copy of that run, not trained again, and says where its weights came from;
+    the same model measured again gives the same numbers."""
+    args = ["--budget", "smoke", "--datasets", "digits", "--seeds", "1", "--variants", "pgdat,jeat"]
+    first = tmp_path / "first"
+    assert study.main(["--out", str(first), *args]) == 0
+    second = tmp_path / "second"
+    capsys.readouterr()
+    assert study.main(["--out", str(second), *args, "--adopt", str(first / "cells")]) == 0
+    assert "2 finished runs to adopt from" in capsys.readouterr().out
+    for variant in ("pgdat", "jeat"):
+        run = f"cells/digits/{variant}/seed0"
+        a = json.loads((first / run / "cell.json").read_text())
+        b = json.loads((second / run / "cell.json").read_text())
+        assert "trained_by" not in a and Path(b["trained_by"]) == (first / run).resolve()
+        assert not (second / run / "checkpoints").exists()  # copied, not trained
+        assert (second / run / "model.pt").read_bytes() == (first / run / "model.pt").read_bytes()
+        for key in ("clean", "pgd20", "autoattack_fast", "worst_case", "fid_descent"):
+            assert b["metrics"][key] == pytest.approx(a["metrics"][key]), (variant, key)
+    # another seed's config is not adopted: that cell trains
+    third = tmp_path / "third"
+    more = [*args[:-3], "2", "--variants", "pgdat", "--adopt", str(first / "cells")]
+    assert study.main(["--out", str(third), *more]) == 0
+    cells = [json.loads((third / f"cells/digits/pgdat/seed{k}/cell.json").read_text())
+             for k in (0, 1)]  # fmt: skip
+    assert "trained_by" in cells[0] and "trained_by" not in cells[1]
+
+
+def test_training_part_keeps_what_decides_the_weights(study):
+    from jeat.config import config_to_dict, load_config
+
+    def part(*sets):
+        return study.training_part(config_to_dict(load_config("digits-pgdat", list(sets))))
+
+    base = part()
+    # what is measured after training, and how, does not count
+    assert part("eval.n=17", "generate.steps=3", "final_eval=false", "progress=false") == base
+    # the per-epoch check counts only when it selects the kept epoch
+    assert part("eval.epoch_n=0") == base
+    best = ("keep=best", "data.val_split=0.1")
+    assert part(*best, "eval.epoch_steps=3") != part(*best)
+    for change in ("seed=9", "epochs=3", "objective.attack.steps=2", "data.augment=true"):
+        assert part(change) != base, change
