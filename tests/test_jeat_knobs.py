@@ -141,3 +141,44 @@ def test_objective_validates_the_new_options():
             create_objective(ObjectiveConfig(name="jeat", options={key: value}), info)
     obj = create_objective(ObjectiveConfig(name="jeat", options={"sgld_grad_clip": 0.5}), info)
     assert obj.sgld.grad_clip == 0.5
+
+
+def test_jeat_on_trades_is_trades_plus_the_energy_term():
+    """``robust_loss: trades``: the classification part is exactly TRADES' loss (same inner
+    maximisation, same beta), and the energy term is added on the KL-adversarial inputs."""
+    data = load_dataset("digits")
+    sets = ["objective.options.robust_loss=trades", "objective.options.beta=3.0",
+            "objective.options.energy_weight=0.5"]  # fmt: skip
+    cfg = load_config("digits-jeat", sets)
+    obj = create_objective(cfg.objective, data.info)
+    obj.setup(data, torch.device("cpu"))
+    trades = create_objective(
+        load_config("digits-trades", ["objective.options.beta=3.0"]).objective, data.info
+    )
+    torch.manual_seed(0)
+    net = build_model(cfg, data.info)
+    x, y = data.x_train[:16], data.y_train[:16]
+    torch.manual_seed(1)
+    out = obj(net, x, y)
+    torch.manual_seed(1)
+    ref = trades(net, x, y)
+    gap = float(out.metrics["energy_gap"])
+    assert float(out.metrics["kl"]) == pytest.approx(float(ref.metrics["kl"]), rel=1e-5)
+    assert float(out.loss) == pytest.approx(float(ref.loss) + 0.5 * gap, rel=1e-5)
+    assert torch.allclose(out.logits, ref.logits)  # the clean logits, as TRADES reports
+    # the energy term sees the KL-adversarial inputs: its data energy is theirs, not x's
+    torch.manual_seed(1)
+    x_adv = trades.adversarial(net, x)
+    e_adv = -torch.logsumexp(net(x_adv), dim=1).mean()
+    assert float(out.metrics["energy_data"]) == pytest.approx(float(e_adv), rel=1e-5)
+    # and the gradient reaches the weights through both parts
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_jeat_robust_loss_is_validated():
+    info = load_dataset("digits").info
+    for key, value, match in [("robust_loss", "mart", "robust_loss must be 'ce' or 'trades'"),
+                              ("beta", -1.0, "beta must be a number >= 0")]:  # fmt: skip
+        with pytest.raises(JeatError, match=match):
+            create_objective(ObjectiveConfig(name="jeat", options={key: value}), info)

@@ -227,37 +227,54 @@ class TRADES(_AdversarialMixin, Objective):
 
     def __init__(self, cfg: ObjectiveConfig, info: DatasetInfo) -> None:
         super().__init__(cfg, info)
-        beta = self.opts["beta"]
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
-            raise JeatError(f"objective option beta must be a number >= 0, got {beta!r}")
+        check_beta(self.opts["beta"])
         self._init_attack()
 
     def adversarial(self, model: nn.Module, x: Tensor) -> Tensor:
         """The KL-maximising inputs around ``x`` (detached)."""
-        attack = self.attack
-        threat = attack.threat
-        with model_mode(model, attack.eval_mode):
-            with torch.no_grad():
-                clean = as_logits(model(x))
-            x_adv = (x + 0.001 * torch.randn_like(x)).clamp_(0.0, 1.0)
-            bounds = threat.bounds(x)
-            with torch.enable_grad():
-                for _ in range(attack.steps):
-                    x_adv.requires_grad_(True)
-                    kl = kl_divergence_from_logits(clean, as_logits(model(x_adv))).sum()
-                    (grad,) = torch.autograd.grad(kl, x_adv)
-                    with torch.no_grad():
-                        x_adv = threat.advance(x_adv, grad, attack.step_size, x, bounds)
-        return x_adv.detach()
+        return trades_adversarial(model, x, self.attack)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
         x_adv = self.adversarial(model, x)
         logits = as_logits(model(x))
         logits_adv = as_logits(model(x_adv))
-        ce, metrics = _classification(logits, y)
-        kl = kl_divergence_from_logits(logits, logits_adv).mean()
-        metrics["kl"] = kl.detach()
-        return ObjectiveOutput(ce + self.opts["beta"] * kl, logits.detach(), y, metrics)
+        loss, metrics = trades_loss(logits, logits_adv, y, self.opts["beta"])
+        return ObjectiveOutput(loss, logits.detach(), y, metrics)
+
+
+def check_beta(beta: Any) -> None:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+        raise JeatError(f"objective option beta must be a number >= 0, got {beta!r}")
+
+
+def trades_adversarial(model: nn.Module, x: Tensor, attack: PGD) -> Tensor:
+    """TRADES' inner maximisation: from ``x + 0.001 * N(0, I)``, ``attack.steps`` steps of
+    ``attack.step_size`` that ascend ``KL(p(.|x) || p(.|x'))`` (the clean prediction held
+    fixed), projected onto ``attack``'s threat ball and the [0, 1] box (detached)."""
+    threat = attack.threat
+    with model_mode(model, attack.eval_mode):
+        with torch.no_grad():
+            clean = as_logits(model(x))
+        x_adv = (x + 0.001 * torch.randn_like(x)).clamp_(0.0, 1.0)
+        bounds = threat.bounds(x)
+        with torch.enable_grad():
+            for _ in range(attack.steps):
+                x_adv.requires_grad_(True)
+                kl = kl_divergence_from_logits(clean, as_logits(model(x_adv))).sum()
+                (grad,) = torch.autograd.grad(kl, x_adv)
+                with torch.no_grad():
+                    x_adv = threat.advance(x_adv, grad, attack.step_size, x, bounds)
+    return x_adv.detach()
+
+
+def trades_loss(
+    logits: Tensor, logits_adv: Tensor, y: Tensor, beta: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``CE(f(x), y) + beta * KL(p(.|x) || p(.|x'))`` and its logged parts."""
+    ce, metrics = _classification(logits, y)
+    kl = kl_divergence_from_logits(logits, logits_adv).mean()
+    metrics["kl"] = kl.detach()
+    return ce + beta * kl, metrics
 
 
 def wrm_ascent(
@@ -596,6 +613,10 @@ class JEAT(_AdversarialMixin, _EnergyObjective):
       3.6 and lambda = 0.03 1.3 points of AutoAttack accuracy; lambda = 0.01 shows no
       AutoAttack difference (0.0 [-1.0, +1.0]) and still a better judge-FID by SGLD
       (docs/objectives.md, benchmarks/results/study-lambda).
+
+    ``robust_loss`` picks the classification part: ``ce`` (CE on the PGD examples, the
+    paper's) or ``trades`` (TRADES' ``CE(x) + beta * KL(p(.|x) || p(.|x'))`` with ``x'``
+    maximising the KL; ``data_term: adv`` then puts the energy term on ``x'``).
     """
 
     description = "JEAT: CE on PGD examples + lambda [E(x_data) - E(x_hat)] (persistent SGLD)"
@@ -606,15 +627,25 @@ class JEAT(_AdversarialMixin, _EnergyObjective):
         "buffer_init": "gaussian",
         "data_term": "adv",
         "attack_mode": "eval",
+        "robust_loss": "ce",  # ce (on the PGD examples) | trades
+        "beta": 6.0,  # TRADES' beta, with robust_loss: trades
     }
 
     def __init__(self, cfg: ObjectiveConfig, info: DatasetInfo) -> None:
         super().__init__(cfg, info)
         if self.opts["data_term"] not in ("adv", "clean", "both"):
             raise JeatError("objective option data_term must be 'adv', 'clean' or 'both'")
+        if self.opts["robust_loss"] not in ("ce", "trades"):
+            raise JeatError(
+                f"objective option robust_loss must be 'ce' or 'trades', got "
+                f"{self.opts['robust_loss']!r}"
+            )
+        check_beta(self.opts["beta"])
         self._init_attack()
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
+        if self.opts["robust_loss"] == "trades":
+            return self._trades(model, x, y)
         x_adv = self.attack(model, x, y, check=False)
         term_on = self.opts["data_term"]
         if term_on == "adv":
@@ -631,6 +662,23 @@ class JEAT(_AdversarialMixin, _EnergyObjective):
         e_data = self.energy(data_logits, labels)
         term, gen = self.generative_term(model, e_data, y, like=x)
         return ObjectiveOutput(ce + term, logits.detach(), y, {**metrics, **gen})
+
+    def _trades(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
+        """TRADES' loss plus the energy term on ``x'`` (``adv``), ``x`` (``clean``) or both."""
+        x_adv = trades_adversarial(model, x, self.attack)
+        # two passes, as TRADES takes them (batch-norm statistics stay per batch)
+        logits, logits_adv = as_logits(model(x)), as_logits(model(x_adv))
+        loss, metrics = trades_loss(logits, logits_adv, y, self.opts["beta"])
+        term_on = self.opts["data_term"]
+        if term_on == "both":
+            data_logits = torch.cat([logits, logits_adv])
+        else:
+            data_logits = logits_adv if term_on == "adv" else logits
+        labels = None
+        if self.opts["conditional"]:
+            labels = y if term_on != "both" else torch.cat([y, y])
+        term, gen = self.generative_term(model, self.energy(data_logits, labels), y, like=x)
+        return ObjectiveOutput(loss + term, logits.detach(), y, {**metrics, **gen})
 
 
 def list_objectives() -> dict[str, str]:
