@@ -151,6 +151,16 @@ def test_study_plans_the_issue_cells(study):
     u20 = next(c for c in cells if c.variant == "jeat-lambda0.3-u20")
     o = study.cell_config(u20, study.FULL["digits"]).objective.options
     assert (o["energy_weight"], o["buffer_init"], o["sgld_steps"]) == (0.3, "uniform", 20)
+    # a knob's top-level entries are config entries (epochs), the rest objective options
+    matched = next(c for c in cells if c.variant == "jeat-published-e20")
+    cfg = study.cell_config(matched, study.FULL["digits"])
+    assert cfg.epochs == 20 and cfg.objective.options["sgld_steps"] == 20
+    both = next(c for c in cells if c.variant == "jeat-trades-u20-both")
+    o = study.cell_config(both, study.FULL["digits"]).objective.options
+    assert (o["robust_loss"], o["data_term"], o["energy_weight"]) == ("trades", "both", 1.0)
+    # at the smoke budget its sizes win over a variant's
+    smoke = study.cell_config(matched, study.SMOKE["digits"])
+    assert smoke.epochs == 1 and smoke.objective.options["sgld_steps"] == 2
     knobs = study.plan(study.parse_args(["--out", "x", "--part", "knobs"]))
     assert {c.dataset for c in knobs} == {"digits"}
     assert {"pgdat", "jeat", "jem", "jeat-lambda0.1-u20"} <= {c.variant for c in knobs}
