@@ -56,6 +56,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -76,6 +77,7 @@ from jeat.config import TrainConfig, config_to_dict, load_config
 from jeat.data import ImageDataset, load_dataset
 from jeat.errors import JeatError
 from jeat.finish import final_evaluation, generate_sample_chains, write_grid_record
+from jeat.locks import LOCK_NAME, FolderBusy, hold_folder
 from jeat.metrics import JudgeBackend, score_samples, train_judge
 from jeat.report import REFERENCE_LABEL
 from jeat.runs import load_trained
@@ -421,9 +423,7 @@ def adopt_run(
     want = training_part(config_to_dict(cfg))
     for run, part in runs:
         if part == want:
-            if folder.exists():
-                shutil.rmtree(folder)
-            folder.mkdir(parents=True)
+            clear_folder(folder)
             for name in ("model.pt", "config.yaml", "metrics.jsonl", "run.json"):
                 if (run / name).exists():
                     shutil.copy2(run / name, folder / name)
@@ -432,6 +432,19 @@ def adopt_run(
             write_json(folder / ADOPTED, {"trained_by": str(shown)})
             return run
     return None
+
+
+def clear_folder(folder: Path) -> None:
+    """Empty ``folder`` (created when missing) of what a killed run left, keeping the lock
+    this process holds on it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for child in folder.iterdir():
+        if child.name == LOCK_NAME:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def train_cell(
@@ -448,8 +461,8 @@ def train_cell(
         if source is not None:
             return source
     resume = (folder / "checkpoints" / "last.pt").exists()
-    if folder.exists() and not resume:
-        shutil.rmtree(folder)
+    if not resume:
+        clear_folder(folder)
     with quiet_stdout():
         train(cfg, folder, resume=resume, data=data)
     return None
@@ -882,6 +895,35 @@ def readme_tables(
     return parts
 
 
+def run_cell(
+    cell: Cell, cfg: TrainConfig, folder: Path, data: ImageDataset, judge: torch.nn.Module,
+    b: Budget, adoptable: list[tuple[Path, dict[str, Any]]],
+) -> dict[str, Any]:  # fmt: skip
+    """Train (or adopt) and measure one cell; write and return its ``cell.json`` record."""
+    t0, cpu0 = time.time(), time.process_time()
+    try:
+        train_cell(cfg, folder, data, adoptable)
+    except JeatError as exc:
+        if "training diverged" not in str(exc):
+            raise
+        # a run that diverged and did not recover is a result, not a crash: the cell is
+        # recorded without numbers and the group summarises the seeds that trained
+        record = failed_cell(cell, str(exc))
+        write_json(folder / "cell.json", record)
+        return record
+    record = measure_cell(cell, cfg, folder, data, judge, b)
+    record["config_resolved"] = config_to_dict(cfg)
+    if (folder / ADOPTED).exists():
+        # the weights come from another benchmark's run of the same training config
+        record["trained_by"] = json.loads((folder / ADOPTED).read_text())["trained_by"]
+    # this invocation's wall and CPU time on the cell (all threads; the CPU time is the
+    # steadier measure on a shared machine)
+    record["cell_seconds"] = time.time() - t0
+    record["cell_cpu_seconds"] = time.process_time() - cpu0
+    write_json(folder / "cell.json", record)  # atomic, last: the cell is finished
+    return record
+
+
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -914,35 +956,27 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             folder = out / cell.run
             head = f"[{i}/{len(cells)}] {cell.run}"
             finished = read_cell(folder)
+            if finished is None:
+                # one process per cell: parallel invocations into one study share its cells
+                with contextlib.ExitStack() as stack:
+                    try:
+                        stack.enter_context(hold_folder(folder))
+                    except FolderBusy:
+                        print(f"{head}: another process is on it, skipped", flush=True)
+                        continue
+                    finished = read_cell(folder)  # it may have finished it meanwhile
+                    if finished is None:
+                        record = run_cell(cell, cell_config(cell, b), folder, data, judge, b,
+                                          adoptable)  # fmt: skip
             if finished is not None:
                 print(f"{head}: done, skipped", flush=True)
                 done.append(finished)
                 continue
-            t0, cpu0 = time.time(), time.process_time()
-            cfg = cell_config(cell, b)
-            try:
-                train_cell(cfg, folder, data, adoptable)
-            except JeatError as exc:
-                if "training diverged" not in str(exc):
-                    raise
-                # a run that diverged and did not recover is a result, not a crash: the cell
-                # is recorded without numbers and the group summarises the seeds that trained
-                record = failed_cell(cell, str(exc))
-                write_json(folder / "cell.json", record)
+            if record["status"] != "ok":
                 done.append(record)
-                print(f"{head}: {exc}", flush=True)
+                print(f"{head}: {record['error']}", flush=True)
                 write_summary(out, args, done, judges)
                 continue
-            record = measure_cell(cell, cfg, folder, data, judge, b)
-            record["config_resolved"] = config_to_dict(cfg)
-            if (folder / ADOPTED).exists():
-                # the weights come from another benchmark's run of the same training config
-                record["trained_by"] = json.loads((folder / ADOPTED).read_text())["trained_by"]
-            # this invocation's wall and CPU time on the cell (all threads; the CPU time is
-            # the steadier measure on a shared machine)
-            record["cell_seconds"] = time.time() - t0
-            record["cell_cpu_seconds"] = time.process_time() - cpu0
-            write_json(folder / "cell.json", record)  # atomic, last: the cell is finished
             done.append(record)
             trained_now += 1
             m = record["metrics"]

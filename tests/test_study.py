@@ -210,3 +210,39 @@ def test_training_part_keeps_what_decides_the_weights(study):
     assert part(*best, "eval.epoch_steps=3") != part(*best)
     for change in ("seed=9", "epochs=3", "objective.attack.steps=2", "data.augment=true"):
         assert part(change) != base, change
+
+
+def test_parallel_studies_share_cells_one_process_per_cell(tmp_path, study, capsys):
+    """A cell another process holds (``jeat.locks``) is left to it: this invocation does the
+    others, and the folder the other process works in is not touched."""
+    import subprocess
+    import textwrap
+
+    out = tmp_path / "study"
+    busy = out / "cells" / "digits" / "pgdat" / "seed1"
+    busy.mkdir(parents=True)
+    (busy / "half-trained.txt").write_text("the other process's file\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from jeat.locks import hold_folder
+            with hold_folder({str(busy)!r}):
+                print("held", flush=True)
+                sys.stdin.read()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        args = ["--budget", "smoke", "--datasets", "digits", "--seeds", "2", "--variants", "pgdat"]
+        assert study.main(["--out", str(out), *args]) == 0
+        printed = capsys.readouterr().out
+        assert "cells/digits/pgdat/seed1: another process is on it, skipped" in printed
+        assert (out / "cells/digits/pgdat/seed0/cell.json").exists()
+        assert not (busy / "cell.json").exists()
+        assert (busy / "half-trained.txt").read_text() == "the other process's file\n"
+    finally:
+        holder.communicate("", timeout=30)
+    # once the other process is gone the cell is this one's: what it left is cleared, then run
+    assert study.main(["--out", str(out), *args]) == 0
+    assert (busy / "cell.json").exists() and not (busy / "half-trained.txt").exists()
