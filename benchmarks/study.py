@@ -120,6 +120,7 @@ KNOBS: dict[str, tuple[str, list[str]]] = {
     # adversarial and sampled images, the idea of Jiang et al. 2025, EB-JDAT, in its simplest
     # form)
     "jeat-trades-u20": ("jeat", ["robust_loss=trades", *PUBLISHED]),
+    "jeat-trades-u20-e20": ("jeat", ["robust_loss=trades", *PUBLISHED, "epochs=20"]),
     "jeat-trades-u20-both": (
         "jeat",
         ["robust_loss=trades", "energy_weight=1.0", "data_term=both", *PUBLISHED[2:]],
