@@ -1,14 +1,17 @@
 """The multi-seed study (issue 20): every objective on digits and MNIST, judged by AutoAttack
 and by judge scores of generated samples, with confidence intervals over seeds.
 
-Variants (``--part main``): ``standard``, ``pgdat``, ``trades``, ``jem``, ``jeat`` (our default)
-and ``jeat-published`` (JEAT as the published descriptions give it: JEM's loss with the data
-term on the adversarial examples, lambda = 1, JEM's sampler: uniform re-initialisation, 20 SGLD
-steps), on ``digits`` (5 seeds) and ``mnist-t10k`` (3 seeds), each at its shipped config: the
-frontier recipes of ``benchmarks/frontier.py``. ``--part knobs`` trains JEAT's knobs on digits
-at 3 seeds (with PGD-AT, JEM and the default beside them, so every pair is measured on the same
-seeds): lambda with the default sampler (3 SGLD steps from class-Gaussian restarts), lambda
-with JEM's sampler (20 steps from uniform restarts) and the class-conditional energy term.
+Variants (``--part main``): ``standard``, ``pgdat``, ``trades``, ``jem``, ``jeat`` (the
+shipped ``<dataset>-jeat`` config: on digits JEAT on TRADES with JEM's sampler, the best point
+this study found; on MNIST JEAT with PGD-AT's loss, lambda 0.01 and 3 SGLD steps) and
+``jeat-published`` (JEAT as the published descriptions give it: CE on the adversarial examples,
+the data term on them, lambda = 1, JEM's sampler: uniform re-initialisation, 20 SGLD steps), on
+``digits`` (5 seeds) and ``mnist-t10k`` (3 seeds), each at its shipped config: the frontier
+recipes of ``benchmarks/frontier.py``. ``--part knobs`` trains JEAT's knobs on digits at 3
+seeds (with PGD-AT, JEM and the default beside them, so every pair is measured on the same
+seeds): JEAT with PGD-AT's loss (``jeat-ce``, digits' default until this study) and its lambda
+with the 3-step sampler, with JEM's sampler and with the class-conditional energy term; the
+energy term on the adversarial or on both inputs of TRADES; JEAT at PGD-AT's training budget.
 Issue 30's goal is checked for every JEAT variant (:func:`goal_check`): worst case and clean
 within 2 points of PGD-AT, judge-FID and recall by SGLD no worse than JEM's.
 
@@ -79,6 +82,7 @@ from jeat.errors import JeatError
 from jeat.finish import final_evaluation, generate_sample_chains, write_grid_record
 from jeat.locks import LOCK_NAME, FolderBusy, hold_folder
 from jeat.metrics import JudgeBackend, score_samples, train_judge
+from jeat.objectives import default_options
 from jeat.report import REFERENCE_LABEL
 from jeat.runs import load_trained
 from jeat.samplers import Samples, sample_seeds
@@ -90,41 +94,45 @@ ATTACKS = ["clean", "pgd20", "autoattack-fast"]
 
 # The variants: (config suffix, options): an option is an objective option, or a config entry
 # when its key is a dotted path or a top-level field (``epochs=20``)
-PUBLISHED = ["energy_weight=1.0", "data_term=adv", "buffer_init=uniform", "sgld_steps=20"]
+PUBLISHED = [
+    "robust_loss=ce", "energy_weight=1.0", "data_term=adv", "buffer_init=uniform",
+    "sgld_steps=20",
+]  # fmt: skip
 MAIN: dict[str, tuple[str, list[str]]] = {
     "standard": ("standard", []),
     "pgdat": ("pgdat", []),
     "trades": ("trades", []),
     "jem": ("jem", []),
-    "jeat": ("jeat", []),
+    "jeat": ("jeat", []),  # the shipped config: on digits JEAT on TRADES (below), elsewhere CE
     # Zhu et al. as the published descriptions give it (method notes, sections 4 and 7)
     "jeat-published": ("jeat", PUBLISHED),
 }
-# JEAT's knobs, each a change from the default (lambda 0.01, data term adv, 3 SGLD steps from
-# class-Gaussian restarts): the robustness-generation front at the frontier recipe. One-seed
-# pilots (benchmarks/results/study/README.md) showed lambda alone barely moves SGLD's judge-FID
-# with 3-step chains, while JEM's sampler (20 steps, uniform restarts) does: so lambda is varied
-# with each sampler. The default itself is MAIN's "jeat"; JEAT as published (lambda 1 with
-# JEM's sampler) is MAIN's "jeat-published".
+# JEAT's knobs on digits. Until this study digits-jeat was JEAT with PGD-AT's loss (CE on the
+# PGD examples), lambda 0.01 and 3 SGLD steps from class-Gaussian restarts: now
+# digits-jeat-ce, the base of the first knobs. One-seed pilots (benchmarks/results/study/
+# README.md) showed lambda alone barely moves SGLD's judge-FID with 3-step chains, while JEM's
+# sampler (20 steps, uniform restarts) does: so lambda is varied with each sampler. The energy
+# term on TRADES (the most robust recipe here, and the best robust SGLD generator): TRADES' loss
+# plus lambda [E(x') - E(x_hat)], x' the KL-adversarial inputs, with JEM's sampler and lambda 1,
+# was the best point on the front and is digits-jeat now (MAIN's "jeat"); "-both" puts the
+# term on the clean and the adversarial inputs (aligning the energies of clean, adversarial and
+# sampled images, the idea of Jiang et al. 2025, EB-JDAT, in its simplest form). "-e20": at
+# PGD-AT's training budget (20 epochs at about 2.2 CPU s each, against PGD-AT's 50 at 0.9).
 KNOBS: dict[str, tuple[str, list[str]]] = {
-    "jeat-lambda0.1": ("jeat", ["energy_weight=0.1"]),
-    "jeat-lambda0.1-cond": ("jeat", ["energy_weight=0.1", "conditional=true"]),
-    "jeat-lambda0.1-u20": ("jeat", ["energy_weight=0.1", "buffer_init=uniform", "sgld_steps=20"]),
-    "jeat-lambda0.3-u20": ("jeat", ["energy_weight=0.3", "buffer_init=uniform", "sgld_steps=20"]),
-    # JEAT as published at PGD-AT's training budget: 20 epochs at about 2.2 CPU s each on
-    # digits, against PGD-AT's 50 at about 0.9 (one thread)
-    "jeat-published-e20": ("jeat", [*PUBLISHED, "epochs=20"]),
-    # the energy term on TRADES (the most robust recipe here, and the best robust SGLD
-    # generator): TRADES' loss plus lambda [E(x') - E(x_hat)], x' the KL-adversarial inputs;
-    # "-both" puts it on the clean and the adversarial inputs (aligning the energies of clean,
-    # adversarial and sampled images, the idea of Jiang et al. 2025, EB-JDAT, in its simplest
-    # form)
-    "jeat-trades-u20": ("jeat", ["robust_loss=trades", *PUBLISHED]),
-    "jeat-trades-u20-e20": ("jeat", ["robust_loss=trades", *PUBLISHED, "epochs=20"]),
-    "jeat-trades-u20-both": (
-        "jeat",
-        ["robust_loss=trades", "energy_weight=1.0", "data_term=both", *PUBLISHED[2:]],
+    "jeat-ce": ("jeat-ce", []),
+    "jeat-lambda0.1": ("jeat-ce", ["energy_weight=0.1"]),
+    "jeat-lambda0.1-cond": ("jeat-ce", ["energy_weight=0.1", "conditional=true"]),
+    "jeat-lambda0.1-u20": (
+        "jeat-ce",
+        ["energy_weight=0.1", "buffer_init=uniform", "sgld_steps=20"],
     ),
+    "jeat-lambda0.3-u20": (
+        "jeat-ce",
+        ["energy_weight=0.3", "buffer_init=uniform", "sgld_steps=20"],
+    ),
+    "jeat-published-e20": ("jeat-ce", [*PUBLISHED, "epochs=20"]),
+    "jeat-trades-u20-e20": ("jeat", ["epochs=20"]),
+    "jeat-trades-u20-both": ("jeat", ["data_term=both"]),
 }
 # On digits: the knobs need 3 seeds each, and an MNIST cell costs about 15 times a digits one
 # at the frontier recipes (benchmarks/results/frontier).
@@ -396,7 +404,27 @@ def training_part(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(part.get("eval"), dict):
         after = AFTER_TRAINING_EVAL | (EPOCH_CHECK if part.get("keep") == "last" else set())
         part["eval"] = {k: v for k, v in part["eval"].items() if k not in after}
+    objective = part.get("objective")
+    if isinstance(objective, dict) and isinstance(objective.get("options"), dict):
+        # an option spelled out at its default value trains the same model as one left out
+        try:
+            defaults = default_options(objective.get("name", ""))
+        except JeatError:
+            defaults = {}
+        part["objective"] = {**objective, "options": {**defaults, **objective["options"]}}
     return part
+
+
+def stale_cell(cell: Cell, b: Budget, folder: Path) -> str | None:
+    """Why a finished cell no longer stands for its variant (None when it does): its run's
+    training config differs from what the variant resolves to now."""
+    try:
+        have = training_part(yaml.safe_load((folder / "config.yaml").read_text()))
+    except (OSError, yaml.YAMLError, AttributeError):
+        return "its run's config.yaml is missing or unreadable"
+    if have != training_part(config_to_dict(cell_config(cell, b))):
+        return "its variant's training config changed"
+    return None
 
 
 def adoptable_runs(roots: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
@@ -957,6 +985,17 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             folder = out / cell.run
             head = f"[{i}/{len(cells)}] {cell.run}"
             finished = read_cell(folder)
+            why = None if finished is None else stale_cell(cell, b, folder)
+            if why is not None:
+                print(f"{head}: trained again ({why})", flush=True)
+                with contextlib.ExitStack() as stack:
+                    try:
+                        stack.enter_context(hold_folder(folder))
+                    except FolderBusy:
+                        print(f"{head}: another process is on it, skipped", flush=True)
+                        continue
+                    clear_folder(folder)
+                finished = None
             if finished is None:
                 # one process per cell: parallel invocations into one study share its cells
                 with contextlib.ExitStack() as stack:

@@ -82,7 +82,7 @@ def test_per_rank_replay_buffers_are_checkpointed_and_resume_exactly(tmp_path):
     """JEAT on two ranks: each rank runs its own SGLD chains; the checkpoint holds both buffers,
     a resume gives each rank its own back (so resumed = uninterrupted, bit for bit), and a
     resume with another process count is refused."""
-    args = ["--config", "digits-jeat", "--set", "eval.epoch_n=0",
+    args = ["--config", "digits-jeat-ce", "--set", "eval.epoch_n=0",
             "--set", "objective.options.buffer_size=200"]  # fmt: skip
     _train(tmp_path / "full", *args, "--epochs", "2", procs=2)
     _train(tmp_path / "cut", *args, "--epochs", "1", procs=2)

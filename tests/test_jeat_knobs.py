@@ -28,10 +28,20 @@ class Linear(nn.Module):
 
 def test_defaults_unchanged():
     data = load_dataset("digits")
-    jeat = create_objective(load_config("digits-jeat").objective, data.info)
-    assert jeat.opts["buffer_init"] == "gaussian" and jeat.opts["sgld_grad_clip"] is None
-    assert jeat.opts["energy_weight_warmup_steps"] == 0 and jeat.energy_weight == 0.01
-    assert jeat.sgld.grad_clip is None
+    # the objective's own defaults (mnist-jeat, cifar10-jeat and digits-jeat-ce run them)
+    for config in ("digits-jeat-ce", "mnist-jeat"):
+        jeat = create_objective(load_config(config).objective, data.info)
+        assert jeat.opts["buffer_init"] == "gaussian" and jeat.opts["sgld_grad_clip"] is None
+        assert jeat.opts["energy_weight_warmup_steps"] == 0 and jeat.energy_weight == 0.01
+        assert jeat.opts["robust_loss"] == "ce" and jeat.sgld.steps == 3
+        assert jeat.sgld.grad_clip is None
+    # digits-jeat: the study's best point, JEAT on TRADES with JEM's sampler and lambda 1
+    o = create_objective(load_config("digits-jeat").objective, data.info).opts
+    assert (o["robust_loss"], o["beta"], o["energy_weight"]) == ("trades", 6.0, 1.0)
+    assert (o["buffer_init"], o["sgld_steps"], o["data_term"]) == ("uniform", 20, "adv")
+    # as published: PGD-AT's loss, not TRADES'
+    o = create_objective(load_config("digits-jeat-published").objective, data.info).opts
+    assert (o["robust_loss"], o["energy_weight"], o["sgld_steps"]) == ("ce", 1.0, 20)
     jem = create_objective(load_config("digits-jem").objective, data.info)
     assert jem.opts["buffer_init"] == "uniform" and jem.energy_weight == 1.0
 
@@ -39,7 +49,7 @@ def test_defaults_unchanged():
 def test_energy_weight_warmup_is_a_function_of_the_step():
     data = load_dataset("digits")
     cfg = load_config(
-        "digits-jeat",
+        "digits-jeat-ce",
         [
             "objective.options.energy_weight=1.0",
             "objective.options.energy_weight_warmup_steps=4",
@@ -107,7 +117,7 @@ def test_data_restarts_refuse_bad_pools():
 
 def test_jeat_trains_with_data_restarts():
     data = load_dataset("digits")
-    cfg = load_config("digits-jeat", ["objective.options.buffer_init=data"])
+    cfg = load_config("digits-jeat-ce", ["objective.options.buffer_init=data"])
     obj = create_objective(cfg.objective, data.info)
     obj.setup(data, torch.device("cpu"))
     buf = obj.buffer

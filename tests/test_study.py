@@ -186,6 +186,18 @@ def test_study_adopts_finished_runs_of_the_same_training_config(tmp_path, study,
         assert (second / run / "model.pt").read_bytes() == (first / run / "model.pt").read_bytes()
         for key in ("clean", "pgd20", "autoattack_fast", "worst_case", "fid_descent"):
             assert b["metrics"][key] == pytest.approx(a["metrics"][key]), (variant, key)
+    # a finished cell whose run no longer has its variant's training config is trained again
+    run = second / "cells/digits/pgdat/seed0"
+    (run / "config.yaml").write_text(
+        (run / "config.yaml").read_text().replace("epochs: 1\n", "epochs: 3\n")
+    )
+    capsys.readouterr()
+    assert study.main(["--out", str(second), *args]) == 0
+    printed = capsys.readouterr().out
+    assert "pgdat/seed0: trained again (its variant's training config changed)" in printed
+    assert "jeat/seed0: done, skipped" in printed
+    assert "epochs: 1\n" in (run / "config.yaml").read_text()
+    assert "trained_by" not in json.loads((run / "cell.json").read_text())
     # another seed's config is not adopted: that cell trains
     third = tmp_path / "third"
     more = [*args[:-3], "2", "--variants", "pgdat", "--adopt", str(first / "cells")]

@@ -681,13 +681,22 @@ class JEAT(_AdversarialMixin, _EnergyObjective):
         return ObjectiveOutput(loss + term, logits.detach(), y, {**metrics, **gen})
 
 
+def default_options(name: str) -> dict[str, Any]:
+    """The options objective ``name`` runs with when a config sets none (a copy)."""
+    return dict(_objective_class(name).options)
+
+
+def _objective_class(name: str) -> type[Objective]:
+    if name not in _OBJECTIVES:
+        raise JeatError(
+            f"unknown objective '{name}'; known objectives: {', '.join(sorted(_OBJECTIVES))}"
+        )
+    return _OBJECTIVES[name]
+
+
 def list_objectives() -> dict[str, str]:
     return {name: cls.description for name, cls in sorted(_OBJECTIVES.items())}
 
 
 def create_objective(cfg: ObjectiveConfig, info: DatasetInfo) -> Objective:
-    if cfg.name not in _OBJECTIVES:
-        raise JeatError(
-            f"unknown objective '{cfg.name}'; known objectives: {', '.join(sorted(_OBJECTIVES))}"
-        )
-    return _OBJECTIVES[cfg.name](cfg, info)
+    return _objective_class(cfg.name)(cfg, info)
