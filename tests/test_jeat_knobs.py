@@ -38,7 +38,7 @@ def test_defaults_unchanged():
     # digits-jeat: the study's best point, JEAT on TRADES with JEM's sampler and lambda 1
     o = create_objective(load_config("digits-jeat").objective, data.info).opts
     assert (o["robust_loss"], o["beta"], o["energy_weight"]) == ("trades", 6.0, 1.0)
-    assert (o["buffer_init"], o["sgld_steps"], o["data_term"]) == ("uniform", 20, "adv")
+    assert (o["buffer_init"], o["sgld_steps"], o["data_term"]) == ("uniform", 20, "both")
     # as published: PGD-AT's loss, not TRADES'
     o = create_objective(load_config("digits-jeat-published").objective, data.info).opts
     assert (o["robust_loss"], o["energy_weight"], o["sgld_steps"]) == ("ce", 1.0, 20)
@@ -158,7 +158,7 @@ def test_jeat_on_trades_is_trades_plus_the_energy_term():
     maximisation, same beta), and the energy term is added on the KL-adversarial inputs."""
     data = load_dataset("digits")
     sets = ["objective.options.robust_loss=trades", "objective.options.beta=3.0",
-            "objective.options.energy_weight=0.5"]  # fmt: skip
+            "objective.options.energy_weight=0.5", "objective.options.data_term=adv"]  # fmt: skip
     cfg = load_config("digits-jeat", sets)
     obj = create_objective(cfg.objective, data.info)
     obj.setup(data, torch.device("cpu"))
@@ -184,6 +184,16 @@ def test_jeat_on_trades_is_trades_plus_the_energy_term():
     # and the gradient reaches the weights through both parts
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    # data_term both (digits-jeat's): the data energy is the mean over x and x'
+    obj.opts["data_term"] = "both"
+    torch.manual_seed(1)
+    out = obj(net, x, y)
+    e_clean = -torch.logsumexp(net(x), dim=1).mean()
+    both = float(out.metrics["energy_data"])
+    assert both == pytest.approx(float((e_adv + e_clean) / 2), rel=1e-5)
+    assert float(out.loss) == pytest.approx(
+        float(ref.loss) + 0.5 * float(out.metrics["energy_gap"]), rel=1e-5
+    )
 
 
 def test_jeat_robust_loss_is_validated():
