@@ -162,7 +162,7 @@ FULL = {
         "",
         # JEAT at PGD-AT's budget: digits-jeat-ce (CE on the PGD examples); the shipped
         # digits-jeat (JEAT on TRADES with JEM's sampler, the study's best generator) needs
-        # about 1.5x the budget (docs/objectives.md)
+        # about twice the budget (docs/objectives.md)
         {"pgd-at": "digits-pgdat", "trades": "digits-trades", "jeat": "digits-jeat-ce"},
         # five seeds: the plain loop's worst case varies by about 2 points (sd) between seeds
         seeds=5,
