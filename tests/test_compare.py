@@ -15,7 +15,7 @@ from conftest import CHROMIUM, FAST, FULL, NO_CHROMIUM, cli_fails, jeat_cli, ren
 from PIL import Image
 
 from jeat import JeatError
-from jeat.compare import compare, pareto_front, render_compare, tradeoff_png
+from jeat.compare import compare, log_axis, pareto_front, render_compare, tradeoff_png
 from jeat.config import load_config
 from jeat.finish import train_and_finish
 from jeat.report import run_results
@@ -138,6 +138,13 @@ def test_compare_renders_in_headless_chromium(tmp_path, runs):
     assert probe["sections"] == ["headline", "tradeoff", "robustness", "samples", "energy",
                                  "runs"]  # fmt: skip
     assert probe["shot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fid_axes_turn_logarithmic_when_they_span_a_factor_of_twenty():
+    assert log_axis([8.3, 21.8, 273.0, 1172.0], higher=False)  # JEM to a standard model
+    assert not log_axis([21.8, 31.0, 105.0], higher=False)
+    assert not log_axis([0.01, 0.74], higher=True)  # recall stays linear
+    assert not log_axis([0.0, 50.0], higher=False)  # no log of zero
 
 
 def test_pareto_front_and_the_tradeoff_plot():

@@ -356,6 +356,13 @@ def _estimate(value: Any) -> tuple[float, float | None, float | None] | None:
 SEEDS_LABEL = "class-Gaussian seeds alone (no model)"
 
 
+def log_axis(values: Sequence[float], higher: bool) -> bool:
+    """Whether a trade-off panel's x axis is logarithmic: FIDs (lower is better) that span
+    more than a factor of 20, as a standard model's next to JEM's do, so that the robust
+    models' points do not collapse onto one line."""
+    return not higher and min(values) > 0 and max(values) / min(values) > 20
+
+
 def tradeoff_png(
     points: Sequence[tuple[str, dict[str, Any]]],
     reference: dict[str, Any] | None = None,
@@ -400,7 +407,13 @@ def tradeoff_png(
         ys = [y[0] for _, _, y in pts]
         if max(ys) - min(ys) < 1:  # one level of robustness: a readable range around it
             ax.set_ylim(min(ys) - 5, max(ys) + 5)
+        xs = [x[0] for _, x, _ in pts]
+        log_x = log_axis(xs, higher)
+        if log_x:  # an interval's lower end below zero is drawn to the axis' edge
+            ax.set_xscale("log")
         for label, (x, xlo, xhi), (y, ylo, yhi) in pts:
+            if log_x and xlo is not None:
+                xlo = max(xlo, min(xs) / 4)
             xerr = None if xlo is None or xhi is None else [[x - xlo], [xhi - x]]
             yerr = None if ylo is None or yhi is None else [[y - ylo], [yhi - y]]
             colour, marker = styles[label]
@@ -421,7 +434,8 @@ def tradeoff_png(
         if isinstance(start, (int, float)):
             ax.axvline(float(start), color="tab:red", ls="-.", lw=1.0, label=SEEDS_LABEL)
         better = "higher" if higher else "lower"
-        ax.set_xlabel(f"{name}, {sampler} ({better} is better)")
+        scale = ", log scale" if log_x else ""
+        ax.set_xlabel(f"{name}, {sampler} ({better} is better{scale})")
         ax.set_ylabel("worst-case robust accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
