@@ -986,18 +986,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             folder = out / cell.run
             head = f"[{i}/{len(cells)}] {cell.run}"
             finished = read_cell(folder)
-            why = None if finished is None else stale_cell(cell, b, folder)
-            if why is not None:
-                print(f"{head}: trained again ({why})", flush=True)
-                with contextlib.ExitStack() as stack:
-                    try:
-                        stack.enter_context(hold_folder(folder))
-                    except FolderBusy:
-                        print(f"{head}: another process is on it, skipped", flush=True)
-                        continue
-                    clear_folder(folder)
-                finished = None
-            if finished is None:
+            if finished is None or stale_cell(cell, b, folder) is not None:
                 # one process per cell: parallel invocations into one study share its cells
                 with contextlib.ExitStack() as stack:
                     try:
@@ -1006,6 +995,11 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
                         print(f"{head}: another process is on it, skipped", flush=True)
                         continue
                     finished = read_cell(folder)  # it may have finished it meanwhile
+                    why = None if finished is None else stale_cell(cell, b, folder)
+                    if why is not None:
+                        print(f"{head}: trained again ({why})", flush=True)
+                        clear_folder(folder)
+                        finished = None
                     if finished is None:
                         record = run_cell(cell, cell_config(cell, b), folder, data, judge, b,
                                           adoptable)  # fmt: skip

@@ -155,9 +155,19 @@ def test_study_plans_the_issue_cells(study):
     matched = next(c for c in cells if c.variant == "jeat-published-e20")
     cfg = study.cell_config(matched, study.FULL["digits"])
     assert cfg.epochs == 20 and cfg.objective.options["sgld_steps"] == 20
-    both = next(c for c in cells if c.variant == "jeat-trades-u20-both")
-    o = study.cell_config(both, study.FULL["digits"]).objective.options
+    shipped = next(c for c in cells if c.variant == "jeat" and c.dataset == "digits")
+    o = study.cell_config(shipped, study.FULL["digits"]).objective.options
     assert (o["robust_loss"], o["data_term"], o["energy_weight"]) == ("trades", "both", 1.0)
+    adv = next(c for c in cells if c.variant == "jeat-trades-adv")
+    o = study.cell_config(adv, study.FULL["digits"]).objective.options
+    assert (o["robust_loss"], o["data_term"]) == ("trades", "adv")
+    # the knobs on the former default name its config, so the new default does not move them
+    lam = next(c for c in cells if c.variant == "jeat-lambda0.1")
+    o = study.cell_config(lam, study.FULL["digits"]).objective.options
+    assert lam.config == "digits-jeat-ce" and o.get("robust_loss", "ce") == "ce"
+    # as published: PGD-AT's loss on either dataset's base
+    for c in (c for c in cells if c.variant == "jeat-published"):
+        assert study.cell_config(c, study.FULL[c.dataset]).objective.options["robust_loss"] == "ce"
     # at the smoke budget its sizes win over a variant's
     smoke = study.cell_config(matched, study.SMOKE["digits"])
     assert smoke.epochs == 1 and smoke.objective.options["sgld_steps"] == 2
