@@ -647,20 +647,14 @@ class JEAT(_AdversarialMixin, _EnergyObjective):
         if self.opts["robust_loss"] == "trades":
             return self._trades(model, x, y)
         x_adv = self.attack(model, x, y, check=False)
-        term_on = self.opts["data_term"]
-        if term_on == "adv":
+        clean = None
+        if self.opts["data_term"] == "adv":
             logits = as_logits(model(x_adv))
-            data_logits = logits
         else:
             both = as_logits(model(torch.cat([x_adv, self.noisy(x)])))
             logits, clean = both[: len(x)], both[len(x) :]
-            data_logits = clean if term_on == "clean" else both
         ce, metrics = _classification(logits, y)
-        labels = None
-        if self.opts["conditional"]:
-            labels = y if term_on != "both" else torch.cat([y, y])
-        e_data = self.energy(data_logits, labels)
-        term, gen = self.generative_term(model, e_data, y, like=x)
+        term, gen = self.generative_term(model, self._data_energy(logits, clean, y), y, like=x)
         return ObjectiveOutput(ce + term, logits.detach(), y, {**metrics, **gen})
 
     def _trades(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
@@ -669,16 +663,22 @@ class JEAT(_AdversarialMixin, _EnergyObjective):
         # two passes, as TRADES takes them (batch-norm statistics stay per batch)
         logits, logits_adv = as_logits(model(x)), as_logits(model(x_adv))
         loss, metrics = trades_loss(logits, logits_adv, y, self.opts["beta"])
+        term, gen = self.generative_term(model, self._data_energy(logits_adv, logits, y), y,
+                                         like=x)  # fmt: skip
+        return ObjectiveOutput(loss + term, logits.detach(), y, {**metrics, **gen})
+
+    def _data_energy(self, logits_adv: Tensor, logits_clean: Tensor | None, y: Tensor) -> Tensor:
+        """``E(x_data)`` per ``data_term``: the adversarial inputs, the clean ones, or both
+        (adversarial first); conditioned on the labels when ``conditional``."""
         term_on = self.opts["data_term"]
-        if term_on == "both":
-            data_logits = torch.cat([logits, logits_adv])
+        if term_on == "adv" or logits_clean is None:
+            data = logits_adv
         else:
-            data_logits = logits_adv if term_on == "adv" else logits
+            data = logits_clean if term_on == "clean" else torch.cat([logits_adv, logits_clean])
         labels = None
         if self.opts["conditional"]:
-            labels = y if term_on != "both" else torch.cat([y, y])
-        term, gen = self.generative_term(model, self.energy(data_logits, labels), y, like=x)
-        return ObjectiveOutput(loss + term, logits.detach(), y, {**metrics, **gen})
+            labels = torch.cat([y, y]) if term_on == "both" else y
+        return self.energy(data, labels)
 
 
 def default_options(name: str) -> dict[str, Any]:
