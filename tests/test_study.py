@@ -172,8 +172,22 @@ def test_study_plans_the_issue_cells(study):
     smoke = study.cell_config(matched, study.SMOKE["digits"])
     assert smoke.epochs == 1 and smoke.objective.options["sgld_steps"] == 2
     knobs = study.plan(study.parse_args(["--out", "x", "--part", "knobs"]))
-    assert {c.dataset for c in knobs} == {"digits"}
-    assert {"pgdat", "jeat", "jem", "jeat-lambda0.1-u20"} <= {c.variant for c in knobs}
+    assert {c.dataset for c in knobs} == {"digits", "mnist"}
+    by = {(c.dataset, c.variant) for c in knobs}
+    assert {("digits", v) for v in ("pgdat", "jeat", "jem", "jeat-lambda0.1-u20")} <= by
+    # MNIST's knobs: digits' best point on MNIST's base (its attack, eps 0.3), 3 seeds each,
+    # beside MNIST's PGD-AT, JEM and JEAT; no digits knob on MNIST
+    assert {("mnist", v) for v in ("pgdat", "jeat", "jem", "jeat-trades", "jeat-trades-e8")} <= by
+    assert ("mnist", "jeat-lambda0.1-u20") not in by and ("digits", "jeat-trades") not in by
+    trades = [c for c in knobs if c.variant == "jeat-trades"]
+    assert [c.seed for c in trades] == [0, 1, 2]
+    cfg = study.cell_config(trades[0], study.FULL["mnist"])
+    o = cfg.objective.options
+    assert trades[0].config == "mnist-jeat" and cfg.objective.attack.eps == pytest.approx(0.3)
+    assert (o["robust_loss"], o["data_term"], o["energy_weight"]) == ("trades", "both", 1.0)
+    assert (o["buffer_init"], o["sgld_steps"], cfg.epochs) == ("uniform", 20, 15)
+    e8 = next(c for c in knobs if c.variant == "jeat-trades-e8")
+    assert study.cell_config(e8, study.FULL["mnist"]).epochs == 8
 
 
 def test_study_adopts_finished_runs_of_the_same_training_config(tmp_path, study, capsys):
