@@ -140,8 +140,8 @@ DIGITS_KNOBS: dict[str, tuple[str, list[str]]] = {
 # JEAT on TRADES as digits-jeat has it (TRADES' loss, the data term on the clean and the
 # KL-adversarial inputs, lambda 1, JEM's sampler), on MNIST's base (mnist-jeat: its network and
 # attack): does digits' best point carry over? An epoch costs about 3x a PGD-AT one there, so
-# 15 epochs are about 1.5x mnist-pgdat's training seconds (861 s on the one seed that trained,
-# against 566), as digits-jeat's 31 epochs are about twice digits-pgdat's; "-e8": at that
+# 15 epochs are about 1.7x mnist-pgdat's training seconds (861 s on the one seed that trained,
+# against 505), as digits-jeat's 31 epochs are about twice digits-pgdat's; "-e8": at that
 # budget (477 s). Measured (docs/objectives.md): lambda 1 costs a third of MNIST's robustness,
 # and at 15 epochs 2 of 3 seeds diverged at epoch 13.
 TRADES_ENERGY = [
